@@ -1,0 +1,577 @@
+# Copyright 2026 The dopsd authors. Licensed under the Apache License, Version 2.0.
+"""D-OPSD community pipeline, and the one definition of every supported model family.
+
+Two things live here, and only here:
+
+* The **model families** (Z-Image-Turbo, FLUX.2-klein). Everything that differs between them is in their classes:
+  student and teacher conditions, the noise, the sigma schedule, the time and sign conventions, reference images and
+  decoding. The training scripts import them, so training and inference share one definition.
+* ``DOPSDPipeline``: few-step text-only inference with a trained LoRA (output identical to the stock pipeline), and a
+  *teacher preview* that generates with the teacher's privileged context (prompt + reference image).
+
+Every family speaks one convention to the outside, the flow-matching one: sigma = 1 is noise, a state is
+``x = (1 - sigma) * x0 + sigma * noise``, a velocity is ``v = noise - x0``, so ``x0 = x - sigma * v`` and an Euler step
+is ``x + (sigma_next - sigma) * v``. A family converts to its model's own convention inside ``velocity``.
+
+The file imports only torch, diffusers, transformers and the standard library, so it also works when diffusers loads
+it as ``custom_pipeline`` from a Hub repo or a local path.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, Flux2KleinPipeline, ZImagePipeline
+from diffusers.loaders import Flux2LoraLoaderMixin, ZImageLoraLoaderMixin
+from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def x0_from_velocity(x: torch.Tensor, sigma: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """Clean-sample prediction of a flow-convention velocity at noise level sigma."""
+    return x - sigma * velocity
+
+
+def euler_step(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the flow ODE, sigma -> sigma_next."""
+    return x + (sigma_next - sigma) * velocity
+
+
+def rollout_sigmas(sigmas: torch.Tensor, rollout_steps: int) -> torch.Tensor:
+    """The `rollout_steps` states D-OPSD trains on, taken from an inference schedule of N steps (N + 1 sigmas).
+
+    Points are spread evenly over the N inference steps and always end on the terminal sigma 0, so rollout_steps = N is
+    exactly the inference trajectory and N = 8, rollout_steps = 4 is every other point (the reference recipe).
+    """
+    num_inference_steps = len(sigmas) - 1
+    if not 1 <= rollout_steps <= num_inference_steps:
+        raise ValueError(f"rollout_steps must be between 1 and num_inference_steps={num_inference_steps}, got {rollout_steps}.")
+    indices = torch.linspace(0, num_inference_steps, rollout_steps + 1).round().long()
+    return sigmas[indices]
+
+
+class ModelFamily:
+    """What a model family provides. Conditions are dicts of tensors, one per sample, so they cache to disk as-is.
+
+    Subclasses set the class attributes (used before any model is loaded) and implement the methods.
+    """
+
+    pipeline_class_name: str
+    display_name: str
+    native_steps: int
+    default_learning_rate: float
+    default_lora_layers: tuple[str, ...]
+    tags: tuple[str, ...]
+
+    def __init__(self, pipe: DiffusionPipeline):
+        self.pipe = pipe
+
+    @classmethod
+    def check_reference_image(cls, width: int, height: int) -> str | None:
+        """Why an image of this size cannot be a teacher reference, or None if it can."""
+        return None
+
+    @classmethod
+    def license_for(cls, model_name: str) -> str:
+        return "apache-2.0"
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def default_size(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def encode_student(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def encode_teacher(self, prompts: list[str], images: list) -> list[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def collate(self, conditions: list[dict[str, torch.Tensor]], device) -> dict:
+        raise NotImplementedError
+
+    def initial_noise(self, batch_size: int, height: int, width: int, generator=None, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigmas(self, num_inference_steps: int, height: int, width: int, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def velocity(self, transformer, x: torch.Tensor, sigma: torch.Tensor, condition: dict, attention_kwargs=None):
+        raise NotImplementedError
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Clean latents x0 in the rollout's state layout, for images in [-1, 1] of shape (B, 3, H, W)."""
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor, output_type: str = "pil"):
+        raise NotImplementedError
+
+    def teacher_ready(self) -> str | None:
+        """Why the teacher context cannot be built yet, or None when it can."""
+        return None
+
+    def setup_teacher(self, *, vlm_name_or_path=None, min_pixels=512 * 512, max_pixels=768 * 768, prompt_suffix=None,
+                      needed=True, **load_kwargs):
+        """Prepare what the teacher context needs; each family reads the options that concern it."""
+
+    def encoders(self) -> list[torch.nn.Module]:
+        """The modules that compute conditions and target latents (moved off the accelerator after caching)."""
+        return [self.pipe.text_encoder, self.pipe.vae]
+
+    def sample(self, transformer, condition: dict, x: torch.Tensor, sigmas: torch.Tensor, attention_kwargs=None, progress=None):
+        """Few-step Euler sampling from state x along sigmas; the inference loop of every family."""
+        for i in range(len(sigmas) - 1):
+            v = self.velocity(transformer, x, sigmas[i], condition, attention_kwargs)
+            x = euler_step(x, sigmas[i], sigmas[i + 1], v)
+            if progress is not None:
+                progress.update()
+        return x
+
+
+class ZImageFamily(ModelFamily):
+    """Z-Image-Turbo. Student: Z-Image's own text path. Teacher: Qwen3-VL hidden states of [image, prompt], with the
+    VLM's language model carrying Z-Image's text-encoder weights.
+
+    The transformer's time runs the other way (t = 1 - sigma, 0 = noise) and it predicts x0 - noise, so ``velocity``
+    feeds 1 - sigma and negates the output, exactly as ZImagePipeline does.
+    """
+
+    pipeline_class_name = "ZImagePipeline"
+    display_name = "Z-Image-Turbo"
+    native_steps = 8
+    default_learning_rate = 1e-4
+    default_lora_layers = (
+        "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
+        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
+    )
+    tags = ("z-image", "z-image-turbo")
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.teacher_encoder = None
+
+    def default_size(self):
+        return 1024, 1024
+
+    def load_teacher_encoder(self, vlm_name_or_path: str, min_pixels: int, max_pixels: int, **load_kwargs):
+        self.teacher_encoder = QwenVLTeacherEncoder.from_pretrained(
+            vlm_name_or_path, self.pipe.text_encoder, min_pixels=min_pixels, max_pixels=max_pixels, **load_kwargs
+        )
+        return self.teacher_encoder
+
+    def setup_teacher(self, *, vlm_name_or_path=None, min_pixels=512 * 512, max_pixels=768 * 768, prompt_suffix=None,
+                      needed=True, **load_kwargs):
+        if needed:
+            self.load_teacher_encoder(vlm_name_or_path, min_pixels, max_pixels, **load_kwargs)
+
+    def encoders(self):
+        return super().encoders() + ([self.teacher_encoder.model] if self.teacher_encoder is not None else [])
+
+    def teacher_ready(self):
+        if self.teacher_encoder is None:
+            return "the Z-Image teacher needs its Qwen3-VL encoder: call load_teacher_encoder(path) first."
+        return None
+
+    def max_caption_tokens(self) -> int:
+        # The transformer pads captions to a multiple of 32 and places the image on RoPE axis 0 right after them,
+        # so the padded caption plus one position must stay inside axes_lens[0].
+        return (self.transformer.config.axes_lens[0] - 2) // 32 * 32
+
+    @torch.no_grad()
+    def encode_student(self, prompts):
+        device = self.pipe.text_encoder.device
+        embeds, _ = self.pipe.encode_prompt(list(prompts), device=device, do_classifier_free_guidance=False)
+        return [{"caption": e} for e in embeds]
+
+    @torch.no_grad()
+    def encode_teacher(self, prompts, images):
+        if reason := self.teacher_ready():
+            raise RuntimeError(reason)
+        limit = self.max_caption_tokens()
+        conditions = []
+        for prompt, image in zip(prompts, images):
+            caption = self.teacher_encoder(prompt, image)
+            if caption.shape[0] > limit:
+                raise ValueError(
+                    f"The teacher context for {image.size[0]}x{image.size[1]} images is {caption.shape[0]} tokens, over "
+                    f"the transformer's limit of {limit}: lower --teacher_max_pixels or shorten the prompt."
+                )
+            conditions.append({"caption": caption})
+        return conditions
+
+    def collate(self, conditions, device):
+        return {"caption": [c["caption"].to(device) for c in conditions]}
+
+    def initial_noise(self, batch_size, height, width, generator=None, device=None):
+        # Same draw as ZImagePipeline.prepare_latents: float32 noise at the VAE's latent resolution.
+        factor = self.pipe.vae_scale_factor * 2
+        shape = (batch_size, self.transformer.config.in_channels, 2 * (height // factor), 2 * (width // factor))
+        return randn_tensor(shape, generator=generator, device=torch.device(device or "cpu"), dtype=torch.float32)
+
+    def sigmas(self, num_inference_steps, height, width, device=None):
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        config = scheduler.config
+        factor = self.pipe.vae_scale_factor * 2
+        mu = calculate_shift(
+            (height // factor) * (width // factor),
+            config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+        )
+        scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_inference_steps), mu=mu, device=device)
+        return scheduler.sigmas.to(device=device, dtype=torch.float32)
+
+    def velocity(self, transformer, x, sigma, condition, attention_kwargs=None):
+        timestep = (1 - sigma).expand(x.shape[0])
+        latents = list(x.to(transformer.dtype).unsqueeze(2).unbind(0))
+        out = transformer(latents, timestep, condition["caption"], joint_attention_kwargs=attention_kwargs, return_dict=False)[0]
+        return -torch.stack([o.float() for o in out]).squeeze(2)
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        vae = self.pipe.vae
+        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mode()
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+    def decode(self, x, output_type="pil"):
+        if output_type == "latent":
+            return x
+        vae = self.pipe.vae
+        latents = x.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        return self.pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type=output_type)
+
+
+class QwenVLTeacherEncoder:
+    """Teacher context for Z-Image: hidden_states[-2] of a Qwen3-VL whose language model holds the Z-Image text
+    encoder's weights, fed one user turn [image, prompt] plus the generation prompt, padding removed.
+
+    The VLM keeps its own vision tower, merger and positional configuration; only the language trunk is swapped, so
+    its hidden states live in the space the DiT was trained on (the paper's inherited in-context ability).
+    """
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, text_encoder, min_pixels: int, max_pixels: int, torch_dtype=None, **kwargs):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype or text_encoder.dtype, **kwargs)
+        language_model = model.model.language_model
+        source = text_encoder.state_dict()
+        target = language_model.state_dict()
+        mismatched = sorted(set(source) ^ set(target)) + sorted(k for k in source.keys() & target.keys() if source[k].shape != target[k].shape)
+        if mismatched:
+            raise ValueError(
+                f"The teacher VLM {name_or_path} does not match the text encoder ({len(mismatched)} keys differ, e.g. "
+                f"{mismatched[0]}): use a Qwen3-VL of the text encoder's size (Qwen/Qwen3-VL-4B-Instruct for Z-Image-Turbo)."
+            )
+        language_model.load_state_dict(source, strict=True)
+        model.requires_grad_(False).eval()
+        return cls(model.to(text_encoder.device), processor)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, image) -> torch.Tensor:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+        inputs = self.processor.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        ).to(self.model.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        hidden = self.model(**inputs, output_hidden_states=True).hidden_states[-2]
+        return hidden[0][inputs["attention_mask"][0].bool()]
+
+
+class Flux2KleinFamily(ModelFamily):
+    """FLUX.2-klein 4B/9B. Student: klein's own text path. Teacher: the prompt plus a suffix through the same text path,
+    plus the target image as a reference through klein's editing path (reference tokens after the noisy ones, position
+    ids with t = 10, prediction sliced back to the noisy tokens).
+
+    The state is kept as patchified, BatchNorm-normalised latents (B, 4C, H/16, W/16); packing into tokens happens in
+    ``velocity``. sigma is the transformer's timestep (1 = noise) and its output is already the flow velocity.
+    """
+
+    pipeline_class_name = "Flux2KleinPipeline"
+    display_name = "FLUX.2-klein"
+    native_steps = 4
+    default_learning_rate = 2e-5
+    default_lora_layers = (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+        "attn.to_qkv_mlp_proj", "attn.to_out",
+    )
+    tags = ("flux2", "flux2-klein")
+    default_teacher_prompt_suffix = (
+        "Keep the main subject and its details, the background and the overall composition consistent with the "
+        "reference image."
+    )
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.teacher_prompt_suffix = self.default_teacher_prompt_suffix
+        text_encoder = getattr(pipe, "text_encoder", None)
+        # The stock pipeline draws its noise in the prompt-embedding dtype; draw the same numbers.
+        self.noise_dtype = text_encoder.dtype if text_encoder is not None else torch.float32
+
+    @classmethod
+    def check_reference_image(cls, width, height):
+        if min(width, height) < 64:
+            return f"{width}x{height} is smaller than FLUX.2-klein's 64 px minimum side for reference images"
+        if max(width, height) / min(width, height) > 8:
+            return f"{width}x{height} has an aspect ratio over FLUX.2-klein's limit of 8"
+        return None
+
+    @classmethod
+    def license_for(cls, model_name):
+        # klein-4B is Apache-2.0; klein-9B ships under the FLUX non-commercial licence.
+        return "other" if "9b" in model_name.lower() else "apache-2.0"
+
+    def setup_teacher(self, *, vlm_name_or_path=None, min_pixels=512 * 512, max_pixels=768 * 768, prompt_suffix=None,
+                      needed=True, **load_kwargs):
+        if prompt_suffix is not None:
+            self.teacher_prompt_suffix = prompt_suffix
+
+    def default_size(self):
+        size = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return size, size
+
+    def teacher_prompt(self, prompt: str) -> str:
+        return f"{prompt} {self.teacher_prompt_suffix}".strip()
+
+    @torch.no_grad()
+    def _encode_text(self, prompts):
+        device = self.pipe.text_encoder.device
+        embeds, text_ids = self.pipe.encode_prompt(list(prompts), device=device)
+        return [{"prompt_embeds": e[None], "text_ids": t[None]} for e, t in zip(embeds, text_ids)]
+
+    @torch.no_grad()
+    def encode_student(self, prompts):
+        return self._encode_text(prompts)
+
+    @torch.no_grad()
+    def encode_teacher(self, prompts, images):
+        conditions = self._encode_text([self.teacher_prompt(p) for p in prompts])
+        for condition, image in zip(conditions, images):
+            reference = self.preprocess_reference(image)
+            latents, ids = self.pipe.prepare_image_latents(
+                images=[reference], batch_size=1, generator=None, device=self.pipe.vae.device, dtype=self.pipe.vae.dtype
+            )
+            condition.update(reference_latents=latents, reference_ids=ids)
+        return conditions
+
+    def preprocess_reference(self, image) -> torch.Tensor:
+        """The stock pipeline's reference preprocessing: at most 1 MP, cropped to a multiple of 16, in [-1, 1]."""
+        processor = self.pipe.image_processor
+        processor.check_image_input(image)
+        if image.size[0] * image.size[1] > 1024 * 1024:
+            image = processor._resize_to_target_area(image, 1024 * 1024)
+        multiple = self.pipe.vae_scale_factor * 2
+        width, height = image.size[0] // multiple * multiple, image.size[1] // multiple * multiple
+        return processor.preprocess(image, height=height, width=width, resize_mode="crop")
+
+    def collate(self, conditions, device):
+        return {key: torch.cat([c[key] for c in conditions]).to(device) for key in conditions[0]}
+
+    def initial_noise(self, batch_size, height, width, generator=None, device=None):
+        factor = self.pipe.vae_scale_factor * 2
+        shape = (batch_size, self.transformer.config.in_channels, height // factor, width // factor)
+        noise = randn_tensor(shape, generator=generator, device=torch.device(device or "cpu"), dtype=self.noise_dtype)
+        return noise.float()
+
+    def sigmas(self, num_inference_steps, height, width, device=None):
+        factor = self.pipe.vae_scale_factor * 2
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        mu = compute_empirical_mu(image_seq_len=(height // factor) * (width // factor), num_steps=num_inference_steps)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu, device=device)
+        return scheduler.sigmas.to(device=device, dtype=torch.float32)
+
+    def velocity(self, transformer, x, sigma, condition, attention_kwargs=None):
+        batch, channels, height, width = x.shape
+        tokens = self.pipe._pack_latents(x)
+        ids = self.pipe._prepare_latent_ids(x).to(x.device)
+        if "reference_latents" in condition:
+            tokens = torch.cat([tokens, condition["reference_latents"].to(tokens.dtype)], dim=1)
+            ids = torch.cat([ids, condition["reference_ids"].to(ids.device)], dim=1)
+        out = transformer(
+            hidden_states=tokens.to(transformer.dtype),
+            timestep=sigma.expand(batch).to(transformer.dtype),
+            guidance=None,
+            encoder_hidden_states=condition["prompt_embeds"],
+            txt_ids=condition["text_ids"],
+            img_ids=ids,
+            joint_attention_kwargs=attention_kwargs,
+            return_dict=False,
+        )[0]
+        return out[:, : height * width].float().permute(0, 2, 1).reshape(batch, channels, height, width)
+
+    @torch.no_grad()
+    def encode_images(self, images):
+        vae = self.pipe.vae
+        return self.pipe._encode_vae_image(images.to(vae.device, vae.dtype), generator=None).float()
+
+    def decode(self, x, output_type="pil"):
+        vae = self.pipe.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.device, x.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.device, x.dtype)
+        latents = self.pipe._unpatchify_latents(x * std + mean)
+        if output_type == "latent":
+            return latents
+        image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+        return self.pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+FAMILIES: dict[str, type[ModelFamily]] = {f.pipeline_class_name: f for f in (ZImageFamily, Flux2KleinFamily)}
+
+
+def family_class(pipeline_class_name: str) -> type[ModelFamily]:
+    """The family for a `_class_name` of model_index.json, or a ValueError that lists what is supported."""
+    if pipeline_class_name not in FAMILIES:
+        supported = ", ".join(f"{f.display_name} ({name})" for name, f in FAMILIES.items())
+        raise ValueError(f"{pipeline_class_name} is not supported; D-OPSD here supports step-distilled {supported}.")
+    return FAMILIES[pipeline_class_name]
+
+
+def family_for(pipe: DiffusionPipeline) -> ModelFamily:
+    """The family object of a loaded stock (or D-OPSD) pipeline."""
+    if isinstance(pipe, DOPSDPipeline):
+        return pipe.family
+    for cls, stock in _STOCK.items():
+        if isinstance(pipe, stock):
+            return cls(pipe)
+    return family_class(type(pipe).__name__)(pipe)  # raises, listing what is supported
+
+
+_STOCK = {ZImageFamily: ZImagePipeline, Flux2KleinFamily: Flux2KleinPipeline}
+_LORA_LOADERS = {ZImageFamily: ZImageLoraLoaderMixin, Flux2KleinFamily: Flux2LoraLoaderMixin}
+
+
+class DOPSDPipeline(DiffusionPipeline, ZImageLoraLoaderMixin, Flux2LoraLoaderMixin):
+    """Few-step inference for D-OPSD fine-tuned Z-Image-Turbo and FLUX.2-klein models, plus a teacher preview.
+
+    ```py
+    pipe = DiffusionPipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", custom_pipeline="pipeline_dopsd.py",
+                                             trust_remote_code=True)
+    pipe.load_lora_weights("user/my-dopsd-lora")
+    image = pipe(prompt="a photo of [V] dog on a beach").images[0]
+    ```
+    The family is chosen from the transformer. LoRA loading, ``set_adapters`` and ``fuse_lora`` behave as on the stock
+    pipeline of that family.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(self, scheduler, vae, text_encoder, tokenizer, transformer, is_distilled: bool | None = None):
+        super().__init__()
+        self.register_modules(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+        if is_distilled is not None:
+            self.register_to_config(is_distilled=is_distilled)
+        self._family = None
+
+    @property
+    def family(self) -> ModelFamily:
+        if self._family is None:
+            if type(self.transformer).__name__.startswith("ZImage"):
+                stock = ZImagePipeline(**self.components)
+                self._family = ZImageFamily(stock)
+            elif type(self.transformer).__name__.startswith("Flux2"):
+                stock = Flux2KleinPipeline(**self.components, is_distilled=bool(self.config.get("is_distilled", True)))
+                self._family = Flux2KleinFamily(stock)
+            else:
+                raise ValueError(f"DOPSDPipeline supports {', '.join(FAMILIES)}; got a {type(self.transformer).__name__}.")
+        return self._family
+
+    def load_teacher_encoder(self, vlm_name_or_path: str, min_pixels: int = 512 * 512, max_pixels: int = 768 * 768, **kwargs):
+        """Z-Image only: load the Qwen3-VL teacher encoder (its language model gets this text encoder's weights)."""
+        if not isinstance(self.family, ZImageFamily):
+            raise ValueError("load_teacher_encoder is for Z-Image; FLUX.2-klein's teacher uses its own editing path.")
+        return self.family.load_teacher_encoder(vlm_name_or_path, min_pixels, max_pixels, **kwargs)
+
+    # LoRA: dispatch to the loader mixin of the family, so key conversions are those of the stock pipeline.
+    def _lora_loader(self):
+        return _LORA_LOADERS[type(self.family)]
+
+    def lora_state_dict(self, *args, **kwargs):
+        return self._lora_loader().lora_state_dict(*args, **kwargs)
+
+    def load_lora_weights(self, *args, **kwargs):
+        return self._lora_loader().load_lora_weights(self, *args, **kwargs)
+
+    def fuse_lora(self, *args, **kwargs):
+        return self._lora_loader().fuse_lora(self, *args, **kwargs)
+
+    def unfuse_lora(self, *args, **kwargs):
+        return self._lora_loader().unfuse_lora(self, *args, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        reference_image=None,
+        num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        attention_kwargs: dict | None = None,
+    ):
+        """Generate at the family's native step count (Z-Image-Turbo 8, klein 4) unless `num_inference_steps` is given.
+
+        With `reference_image` (one PIL image, or one per prompt) the teacher's context is used instead of the prompt
+        alone: a preview of what D-OPSD will distil into the student. `latents` are in the family's state layout
+        (as returned by ``initial_noise``).
+        """
+        family = self.family
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        default_height, default_width = family.default_size()
+        if reference_image is not None:
+            references = reference_image if isinstance(reference_image, (list, tuple)) else [reference_image] * len(prompts)
+            if len(references) != len(prompts):
+                raise ValueError(f"Got {len(references)} reference images for {len(prompts)} prompts: pass one, or one per prompt.")
+            if reason := family.teacher_ready():
+                raise RuntimeError(reason)
+            conditions = family.encode_teacher(prompts, references)
+            if isinstance(family, Flux2KleinFamily):
+                # Like the stock editing path, the output defaults to the (preprocessed) reference's size.
+                default_height, default_width = family.preprocess_reference(references[0]).shape[-2:]
+        else:
+            conditions = family.encode_student(prompts)
+        height, width = height or default_height, width or default_width
+        multiple = self.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple}, got {height}x{width}.")
+
+        device = self._execution_device
+        conditions = [c for c in conditions for _ in range(num_images_per_prompt)]
+        condition = family.collate(conditions, device)
+        if latents is None:
+            latents = family.initial_noise(len(conditions), height, width, generator, device)
+        sigmas = family.sigmas(num_inference_steps or family.native_steps, height, width, device)
+        with self.progress_bar(total=len(sigmas) - 1) as progress:
+            latents = family.sample(self.transformer, condition, latents.to(device).float(), sigmas, attention_kwargs, progress)
+        images = family.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)

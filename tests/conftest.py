@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny offline models (built once per session, nothing downloaded)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    from make_tiny_models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def sample_data() -> Path:
+    return REPO / "examples" / "tiny_concept"
+
+
+def load_stock(path):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(path), dtype=torch.float32)
+
+
+@pytest.fixture
+def zimage(tiny_models):
+    return load_stock(tiny_models / "z-image")
+
+
+@pytest.fixture
+def klein(tiny_models):
+    return load_stock(tiny_models / "flux2-klein")

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+# Copyright 2026 The dopsd authors. Licensed under the Apache License, Version 2.0.
+"""D-OPSD LoRA training for step-distilled image models (Z-Image-Turbo, FLUX.2-klein 4B/9B).
+
+    accelerate launch train_dopsd_lora.py --pretrained_model_name_or_path Tongyi-MAI/Z-Image-Turbo \\
+        --instance_data_dir ./my_concept --instance_prompt "a photo of [V] dog" --output_dir out
+
+The student and the teacher are two LoRA adapters on one frozen base: "student" is trained, "teacher" holds the
+student's exponential moving average in fp32 and never receives gradients. The result,
+out/pytorch_lora_weights.safetensors, is the student in diffusers format: `pipe.load_lora_weights("out")`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from dopsd_training import UserError, build_parser, ema_update, finalize_args, logger, run_main, train
+
+STUDENT, TEACHER = "student", "teacher"
+
+
+def parse_args(argv=None):
+    parser = build_parser(__doc__.split("\n\n")[0])
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=64, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / rank).")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
+    lora.add_argument("--lora_layers", default=None,
+                      help="Comma-separated module-name suffixes to adapt, matched against every Linear of the "
+                           "transformer (default: the family's attention and feed-forward layers).")
+    args = parser.parse_args(argv)
+    return args, finalize_args(args)
+
+
+def resolve_lora_targets(transformer, suffixes: list[str]) -> list[str]:
+    """Full names of the Linear layers whose names end with one of the suffixes (so 4B and 9B both match)."""
+    linears = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    targets, unmatched = [], []
+    for suffix in suffixes:
+        found = [n for n in linears if n == suffix or n.endswith("." + suffix)]
+        (targets.extend(found) if found else unmatched.append(suffix))
+    if unmatched:
+        raise UserError(f"--lora_layers {','.join(unmatched)} match no Linear layer of the transformer: check the module names.")
+    return sorted(set(targets))
+
+
+class LoraAdaptation:
+    """Two adapters on one base. Switching follows the safe order of diffusers_internals §4.3: the teacher runs first
+    under no_grad, and the student is active whenever a forward builds a graph or backward recomputes one."""
+
+    kind = "lora"
+
+    def __init__(self, args, family, transformer, accelerator, weight_dtype):
+        self.args, self.family, self.transformer, self.accelerator = args, family, transformer, accelerator
+        suffixes = [s.strip() for s in args.lora_layers.split(",")] if args.lora_layers else list(family.default_lora_layers)
+        self.config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 init_lora_weights="gaussian", target_modules=resolve_lora_targets(transformer, suffixes))
+        transformer.add_adapter(self.config, adapter_name=STUDENT)
+        adapters = [STUDENT]
+        if args.method == "dopsd":
+            transformer.add_adapter(self.config, adapter_name=TEACHER)
+            adapters.append(TEACHER)
+        params = dict(transformer.named_parameters())
+        # LoRA factors train and average in fp32 whatever the frozen base's dtype (a bf16 EMA rounds updates away).
+        for name, param in params.items():
+            if "lora_" in name:
+                param.data = param.data.float()
+        self.student_params = [p for n, p in params.items() if f".{STUDENT}." in n]
+        self.teacher_params = [params[n.replace(f".{STUDENT}.", f".{TEACHER}.")] for n, p in params.items() if f".{STUDENT}." in n] if TEACHER in adapters else []
+        with torch.no_grad():
+            for teacher, student in zip(self.teacher_params, self.student_params):
+                teacher.copy_(student)
+        self._activate(STUDENT)
+        logger.info("LoRA r=%d alpha=%d on %d layers; %d trainable parameters", args.rank, args.lora_alpha,
+                    len(self.config.target_modules), sum(p.numel() for p in self.student_params))
+
+    def _activate(self, adapter: str):
+        # set_adapter also flips requires_grad to the active adapter; the teacher must stay frozen regardless.
+        self.transformer.set_adapter(adapter)
+        for p in self.student_params:
+            p.requires_grad_(True)
+        for p in self.teacher_params:
+            p.requires_grad_(False)
+
+    def trainable_parameters(self):
+        return self.student_params
+
+    def make_optimizer(self):
+        args = self.args
+        if args.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
+            optimizer_cls = bnb.optim.AdamW8bit
+        else:
+            optimizer_cls = torch.optim.AdamW
+        return optimizer_cls(self.student_params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    @contextlib.contextmanager
+    def student(self):
+        self._activate(STUDENT)
+        yield
+
+    @contextlib.contextmanager
+    def base(self):
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+            self._activate(STUDENT)
+
+    def student_velocity(self, model, x, sigma, condition):
+        return self.family.velocity(model, x, sigma, condition)
+
+    @torch.no_grad()
+    def teacher_velocity(self, x, sigma, condition):
+        self._activate(TEACHER)
+        try:
+            return self.family.velocity(self.transformer, x, sigma, condition)
+        finally:
+            self._activate(STUDENT)
+
+    @torch.no_grad()
+    def teacher_sample(self, condition, noise, sigmas):
+        self._activate(TEACHER if self.teacher_params else STUDENT)
+        try:
+            return self.family.sample(self.transformer, condition, noise, sigmas)
+        finally:
+            self._activate(STUDENT)
+
+    def update_teacher(self):
+        ema_update(self.teacher_params, self.student_params, self.args.ema_decay)
+
+    # -- saving -----------------------------------------------------------------------------------------------------------
+    def _save_adapter(self, directory, adapter, weight_name):
+        type(self.family.pipe).save_lora_weights(
+            directory, transformer_lora_layers=get_peft_model_state_dict(self.transformer, adapter_name=adapter),
+            transformer_lora_adapter_metadata=self.config.to_dict(), weight_name=weight_name,
+        )
+
+    def _load_adapter(self, directory, adapter, weight_name):
+        state = type(self.family.pipe).lora_state_dict(directory, weight_name=weight_name)
+        state = state[0] if isinstance(state, tuple) else state
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        incompatible = set_peft_model_state_dict(self.transformer, state, adapter_name=adapter)
+        if getattr(incompatible, "unexpected_keys", None):
+            raise UserError(f"checkpoint {directory} does not match this LoRA configuration (unexpected {incompatible.unexpected_keys[0]}).")
+
+    def register_checkpoint_hooks(self):
+        """checkpoint-N holds both adapters in diffusers format (the student loads like a final LoRA) plus accelerate's
+        optimizer, scheduler and RNG state; the frozen base is never written."""
+        unwrapped = self.accelerator.unwrap_model
+
+        def save_hook(models, weights, output_dir):
+            if self.accelerator.is_main_process:
+                self._save_adapter(output_dir, STUDENT, "pytorch_lora_weights.safetensors")
+                if self.teacher_params:
+                    self._save_adapter(output_dir, TEACHER, "teacher_lora_weights.safetensors")
+            for i in reversed(range(len(models))):
+                if unwrapped(models[i]) is self.transformer:
+                    models.pop(i)
+                    if weights:
+                        weights.pop(i)
+
+        def load_hook(models, input_dir):
+            for i in reversed(range(len(models))):
+                if unwrapped(models[i]) is self.transformer:
+                    models.pop(i)
+            self._load_adapter(input_dir, STUDENT, "pytorch_lora_weights.safetensors")
+            if self.teacher_params:
+                self._load_adapter(input_dir, TEACHER, "teacher_lora_weights.safetensors")
+            self._activate(STUDENT)
+
+        self.accelerator.register_save_state_pre_hook(save_hook)
+        self.accelerator.register_load_state_pre_hook(load_hook)
+
+    def save_final(self, output_dir):
+        self._save_adapter(output_dir, STUDENT, "pytorch_lora_weights.safetensors")
+        logger.info("saved the student LoRA to %s/pytorch_lora_weights.safetensors", output_dir)
+
+
+def main(argv=None):
+    args, family = parse_args(argv)
+    train(args, family, LoraAdaptation)
+
+
+if __name__ == "__main__":
+    run_main(main)
