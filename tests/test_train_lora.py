@@ -1,0 +1,143 @@
+"""train_dopsd_lora.py end to end: accelerate launch, outputs, stock loading, resume, and answers to bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import REPO, load_stock
+
+FAST = ["--resolution", "64", "--rank", "4", "--lora_alpha", "4", "--validation_steps", "0", "--skip_final_validation",
+        "--report_to", "none"]
+
+
+@pytest.fixture(scope="module")
+def accelerate_config(tmp_path_factory):
+    from accelerate.utils import write_basic_config
+
+    path = tmp_path_factory.mktemp("accelerate") / "default_config.yaml"
+    write_basic_config(save_location=str(path))
+    return path
+
+
+def run(args, launcher=None, check=True):
+    command = (launcher or [sys.executable]) + [str(REPO / "train_dopsd_lora.py")] + [str(a) for a in args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def launch(accelerate_config, args, **kwargs):
+    return run(args, launcher=["accelerate", "launch", "--config_file", str(accelerate_config)], **kwargs)
+
+
+def stock_output(pipe, lora_dir=None, **kwargs):
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir))
+    extra = {"guidance_scale": 0.0} if type(pipe).__name__ == "ZImagePipeline" else {}
+    return pipe(prompt="a photo of [V] toy on a table", num_inference_steps=4, height=64, width=64,
+                generator=torch.Generator().manual_seed(0), output_type="np", **extra, **kwargs).images
+
+
+def test_zimage_end_to_end_through_accelerate(accelerate_config, tiny_models, sample_data, tmp_path):
+    out = tmp_path / "out"
+    launch(accelerate_config, [
+        "--pretrained_model_name_or_path", tiny_models / "z-image", "--teacher_vlm_name_or_path", tiny_models / "qwen3-vl-teacher",
+        "--teacher_min_pixels", 32 * 32, "--teacher_max_pixels", 64 * 64, "--instance_data_dir", sample_data,
+        "--output_dir", out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
+        "--learning_rate", 1e-2, *FAST,
+    ])
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert weights and all(k.startswith("transformer.") and "lora" in k for k in weights)
+    assert not any("teacher" in k or "student" in k for k in weights)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (out / "checkpoint-4" / "teacher_lora_weights.safetensors").exists()
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [1, 2, 3, 4] and all("loss_state_3" in row for row in log)
+    assert (out / "README.md").exists() and json.loads((out / "args.json").read_text())["method"] == "dopsd"
+    base = stock_output(load_stock(tiny_models / "z-image"))
+    tuned = stock_output(load_stock(tiny_models / "z-image"), out)
+    assert abs(base - tuned).max() > 1e-3
+
+
+def test_klein_end_to_end_through_accelerate(accelerate_config, tiny_models, sample_data, tmp_path):
+    out = tmp_path / "out"
+    launch(accelerate_config, ["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data,
+                               "--output_dir", out, "--max_train_steps", 3, "--learning_rate", 1e-2, *FAST])
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    # Single-stream blocks are adapted too, matched by name (the tiny model has 2).
+    assert any(k.startswith("transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj") for k in weights)
+    assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_out.lora") for k in weights)
+    base = stock_output(load_stock(tiny_models / "flux2-klein"))
+    tuned = stock_output(load_stock(tiny_models / "flux2-klein"), out)
+    assert abs(base - tuned).max() > 1e-5
+
+
+@pytest.mark.parametrize("method", ["dopsd", "sft"])
+def test_resume_ends_with_the_same_weights(tiny_models, sample_data, tmp_path, method):
+    common = ["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data,
+              "--learning_rate", 1e-2, "--ema_decay", 0.5, "--checkpointing_steps", 2, "--method", method, *FAST]
+    run([*common, "--output_dir", tmp_path / "straight", "--max_train_steps", 4])
+    run([*common, "--output_dir", tmp_path / "resumed", "--max_train_steps", 2])
+    run([*common, "--output_dir", tmp_path / "resumed", "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
+    for name in ["pytorch_lora_weights.safetensors"] + (["teacher_lora_weights.safetensors"] if method == "dopsd" else []):
+        straight = load_file(tmp_path / "straight" / "checkpoint-4" / name)
+        resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / name)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (name, key)
+    log = (tmp_path / "resumed" / "loss_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+
+
+def _bad_input(args, tmp_path):
+    result = run(["--output_dir", tmp_path / "out", "--max_train_steps", 1, *FAST, *args], check=False)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith("error: "), lines[-3:]
+    assert "Traceback" not in result.stderr
+    return lines[-1]
+
+
+def test_bad_inputs_end_with_one_clear_line(tiny_models, sample_data, tmp_path):
+    model = ["--pretrained_model_name_or_path", tiny_models / "z-image"]
+    assert "does not exist" in _bad_input([*model, "--instance_data_dir", tmp_path / "missing"], tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no images" in _bad_input([*model, "--instance_data_dir", empty], tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "fake.png").write_text("this is not an image")
+    (broken / "fake.txt").write_text("a photo of [V]")
+    assert "cannot read image" in _bad_input([*model, "--instance_data_dir", broken], tmp_path)
+    unsupported = tmp_path / "sd"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    message = _bad_input(["--pretrained_model_name_or_path", unsupported, "--instance_data_dir", sample_data], tmp_path)
+    assert "StableDiffusionPipeline is not supported" in message and "Flux2KleinPipeline" in message
+    assert "multiple of 16" in _bad_input([*model, "--instance_data_dir", sample_data, "--resolution", "100"], tmp_path)
+    message = _bad_input(["--pretrained_model_name_or_path", tiny_models / "flux2-klein-base", "--instance_data_dir", sample_data], tmp_path)
+    assert "not step-distilled" in message
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.new("RGB", (48, 48)).save(small / "tiny.png")
+    (small / "tiny.txt").write_text("a photo of [V]")
+    message = _bad_input(["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", small], tmp_path)
+    assert "tiny.png" in message and "64 px" in message
+
+
+def test_preview_teacher_only_writes_a_grid_and_trains_nothing(tiny_models, sample_data, tmp_path):
+    out = tmp_path / "out"
+    run(["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data, "--output_dir", out,
+         "--preview_teacher_only", "--num_validation_images", 1, *FAST])
+    grid = Image.open(out / "teacher_preview.png")
+    assert grid.size == (2 * 64, 4 * 64)  # student | teacher, one row per training image
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
