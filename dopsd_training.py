@@ -53,9 +53,18 @@ def run_main(main):
 # Arguments
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only when there is one: None means "chosen at run time" and the help says how."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """The command line both training scripts share (diffusers example conventions; defaults follow the D-OPSD recipe)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     model = p.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", "--pretrained_model", required=True,
                        help="Step-distilled base model: a Hub id or local folder with model_index.json "
@@ -88,10 +97,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                       help="Caption column(s); a comma-separated list samples one column per step "
                            "(the reference's multi-granularity captions). Default: 'text' or 'caption'.")
     data.add_argument("--resolution", type=int, default=1024,
-                      help="Training resolution: the pixel budget resolution^2 of every bucket; a multiple of 16.")
+                      help="Training resolution (a multiple of 16): square images train at resolution^2, other aspect "
+                           "ratios in buckets of about the same area.")
     data.add_argument("--aspect_ratio_buckets", default=REFERENCE_BUCKETS,
-                      help="Aspect-ratio buckets as 'h,w;h,w;...', rescaled to --resolution; each image goes to the "
-                           "nearest bucket, one bucket per batch.")
+                      help="Aspect-ratio buckets as 'h,w;h,w;...' for a 1024 resolution, scaled by --resolution / 1024; "
+                           "each image goes to the nearest-aspect bucket, one bucket per batch.")
     data.add_argument("--skip_bad_images", action="store_true",
                       help="Skip unreadable images with a warning instead of stopping.")
 
@@ -131,7 +141,6 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     train.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                        help="Mixed precision (default: accelerate's config). Frozen weights are stored in this dtype.")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
-    train.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused placeholder kept at 0.")
 
     ckpt = p.add_argument_group("checkpoints and validation")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save a checkpoint-N every N steps.")
@@ -157,24 +166,19 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
     """Validate the arguments that need no model, detect the family, and fill family defaults (printed)."""
-    if args.instance_data_dir is None and args.dataset_name is None:
-        raise UserError("no training data: pass --instance_data_dir FOLDER or --dataset_name NAME.")
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        raise UserError("pass exactly one of --instance_data_dir FOLDER and --dataset_name NAME.")
     if args.resolution % 16:
         raise UserError(f"--resolution {args.resolution} is not a multiple of 16: use e.g. {args.resolution // 16 * 16 or 16}.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise UserError("--report_to wandb with --hub_token would leak the token: log in with `hf auth login` instead.")
     if not 0.0 <= args.ema_decay <= 1.0:
         raise UserError(f"--ema_decay must be in [0, 1], got {args.ema_decay}.")
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file: choose a folder.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to --output_dir {out} ({error.strerror}): choose a writable folder.") from None
+    if args.preview_teacher_only and args.method != "dopsd":
+        raise UserError("--preview_teacher_only previews the D-OPSD teacher: drop --method sft.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise UserError("--checkpoints_total_limit must be at least 1.")
+    check_output_dir(Path(args.output_dir))
 
     config = load_model_index(args)
     try:
@@ -195,10 +199,21 @@ def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
     for name, value in filled.items():
         setattr(args, name, value)
     if filled:
-        logger.info("%s defaults: %s", family.display_name, ", ".join(f"--{k} {v}" for k, v in filled.items()))
+        print(f"{family.display_name} defaults: " + ", ".join(f"--{k} {v}" for k, v in filled.items()))
+    if args.teacher_prompt_suffix is not None and family.pipeline_class_name != "Flux2KleinPipeline":
+        raise UserError(f"--teacher_prompt_suffix is for FLUX.2-klein only: drop it for {family.display_name}.")
     if not 1 <= args.rollout_steps <= args.num_inference_steps:
         raise UserError(f"--rollout_steps {args.rollout_steps} must be between 1 and --num_inference_steps {args.num_inference_steps}.")
     return family
+
+
+def check_output_dir(out: Path):
+    """The output folder must be a folder we can write, checked without creating anything."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file: choose a folder.")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --output_dir {out} ({existing} is not writable): choose a writable folder.")
 
 
 def load_model_index(args) -> dict:
@@ -337,13 +352,15 @@ def _dataset_examples(args, columns):
 
 
 def make_buckets(args) -> list[tuple[int, int]]:
-    from diffusers.training_utils import generate_aspect_ratio_buckets, parse_buckets_string
+    """The (height, width) buckets: --aspect_ratio_buckets (given for 1024) scaled by --resolution / 1024, to multiples of 16."""
+    from diffusers.training_utils import parse_buckets_string
 
     try:
         base = parse_buckets_string(args.aspect_ratio_buckets)
     except ValueError as error:
         raise UserError(f"--aspect_ratio_buckets: {error}") from None
-    return generate_aspect_ratio_buckets(args.resolution, divisibility=16, base_resolutions=base)
+    scale = args.resolution / 1024
+    return list(dict.fromkeys((max(16, round(h * scale / 16) * 16), max(16, round(w * scale / 16) * 16)) for h, w in base))
 
 
 def crop_to_bucket(image: Image.Image, buckets) -> Image.Image:
@@ -592,71 +609,84 @@ def validation_generator(prompt: str, row: int, seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed((seed * 7919 + digest + row) % 2**31)
 
 
-def write_model_card(args, family: type[ModelFamily], output_dir: Path, images: list[Image.Image], kind: str):
-    """README.md in diffusers' model-card format: trigger words, step count, stock and custom-pipeline snippets."""
-    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+def trigger_words(examples: list[Example], instance_prompt: str | None) -> list[str]:
+    """Bracketed concept tokens such as [V] that appear in the training captions."""
+    import re
+
+    captions = [c for e in examples for c in e.captions] + ([instance_prompt] if instance_prompt else [])
+    return sorted({token for caption in captions for token in re.findall(r"\[[^\]\s]{1,32}\]", caption)})
+
+
+def write_model_card(args, family: type[ModelFamily], output_dir: Path, samples: list[tuple[str, Image.Image]],
+                     triggers: list[str], kind: str):
+    """README.md in diffusers' model-card format: trigger words, step count, stock and custom-pipeline snippets,
+    sample images as the widget, tags, the distilled base model and its licence."""
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
 
     repo_id = args.hub_model_id or Path(args.output_dir).name
+    base, steps, stock = args.pretrained_model_name_or_path, args.num_inference_steps, family.pipeline_class_name
     widget = []
-    for i, image in enumerate(images):
+    for i, (prompt, image) in enumerate(samples):
         image.save(output_dir / f"image_{i}.png")
-        widget.append({"text": (args.validation_prompt or [args.instance_prompt or ""])[0] or "", "output": {"url": f"image_{i}.png"}})
-    triggers = sorted({w for p in ([args.instance_prompt] if args.instance_prompt else []) for w in p.split() if w.startswith("[")})
-    steps = args.num_inference_steps
-    stock = family.pipeline_class_name
-    load = (
-        f'pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors")' if kind == "lora"
-        else f'pipe.transformer = pipe.transformer.from_pretrained("{repo_id}", subfolder="transformer")'
-    )
+        widget.append({"text": prompt, "output": {"url": f"image_{i}.png"}})
+    example_prompt = samples[0][0] if samples else (args.instance_prompt or "a photo")
+    guidance = ", guidance_scale=0.0" if stock == "ZImagePipeline" else ""
+    if kind == "lora":
+        load = f'pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors")'
+        what = f"A LoRA (rank {args.rank}, alpha {args.lora_alpha})"
+    else:
+        load = f'pipe.transformer = type(pipe.transformer).from_pretrained("{repo_id}", subfolder="transformer", torch_dtype=torch.bfloat16).to("cuda")'
+        what = "A full fine-tune of the transformer"
+    method = ("D-OPSD, on-policy self-distillation (arXiv 2605.05204), which keeps the base model's few-step ability"
+              if args.method == "dopsd" else "vanilla flow-matching SFT (the D-OPSD paper's baseline)")
     description = f"""
-# D-OPSD {kind.upper()} for {family.display_name} - {repo_id}
+# {family.display_name} {kind.upper() if kind == "lora" else "fine-tune"} trained with {"D-OPSD" if args.method == "dopsd" else "SFT"}: {repo_id}
 
 <Gallery />
 
 ## Model description
 
-{"LoRA" if kind == "lora" else "Full"} fine-tune of [{args.pretrained_model_name_or_path}](https://huggingface.co/{args.pretrained_model_name_or_path})
-trained with **{"D-OPSD" if args.method == "dopsd" else "vanilla flow-matching SFT"}**
-{"(on-policy self-distillation, arXiv 2605.05204), which keeps the model's few-step ability" if args.method == "dopsd" else ""}.
-Use it at the base model's deployment step count: **{steps} steps**{", guidance 0" if stock == "ZImagePipeline" else ""}.
+{what} for [{base}](https://huggingface.co/{base}), trained with {method}.
+Generate at the base model's deployment step count: **{steps} steps**{guidance.replace(", guidance_scale=", ", guidance ")}.
 
-Training: {args.max_train_steps} steps, learning rate {args.learning_rate}, rollout on {args.rollout_steps} of the {steps}-step
-schedule, EMA teacher decay {args.ema_decay}{f", LoRA rank {args.rank}, alpha {args.lora_alpha}" if kind == "lora" else ""}.
+Training: {args.max_train_steps} steps at learning rate {args.learning_rate}; the rollout visits {args.rollout_steps} states of
+the {steps}-step schedule; EMA teacher decay {args.ema_decay}; {args.loss_space}-space loss.
 
 ## Trigger words
 
-{", ".join(f"`{t}`" for t in triggers) or f"Use the training prompt: `{args.instance_prompt}`" if args.instance_prompt else "See the training captions."}
+{("Use " + ", ".join(f"`{t}`" for t in triggers) + " in the prompt.") if triggers else "Use prompts like the training captions."}
 
-## Use it with diffusers
+## Use with diffusers
 
 ```py
 import torch
 from diffusers import {stock}
 
-pipe = {stock}.from_pretrained("{args.pretrained_model_name_or_path}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = {stock}.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
 {load}
-image = pipe(prompt="{(args.validation_prompt or [args.instance_prompt or "a photo"])[0]}", num_inference_steps={steps}{", guidance_scale=0.0" if stock == "ZImagePipeline" else ""}).images[0]
+image = pipe(prompt="{example_prompt}", num_inference_steps={steps}{guidance}).images[0]
 ```
 
-or with the D-OPSD community pipeline (same output, plus a teacher preview with `reference_image=`):
+The D-OPSD community pipeline gives the same images and adds a teacher preview (`reference_image=`):
 
 ```py
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}", custom_pipeline="pipeline_dopsd.py", trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained("{base}", custom_pipeline="pipeline_dopsd.py", trust_remote_code=True)
 {load}
+image = pipe(prompt="{example_prompt}").images[0]  # {steps} steps by default
 ```
 """
-    card = load_or_create_model_card(
-        repo_id_or_path=repo_id, from_training=True, license=family.license_for(args.pretrained_model_name_or_path),
-        base_model=args.pretrained_model_name_or_path, prompt=args.instance_prompt, model_description=description, widget=widget,
-    )
-    if family.license_for(args.pretrained_model_name_or_path) == "other":
+    license = family.license_for(base)
+    # Built from diffusers' training template directly: never merged with a stale or remote card.
+    data = ModelCardData(license=license, library_name="diffusers", base_model=base, instance_prompt=args.instance_prompt, widget=widget)
+    card = ModelCard.from_template(card_data=data, template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+    if license == "other":
         card.data.license_name = "flux-non-commercial-license"
         card.data.license_link = "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md"
     tags = ["text-to-image", "diffusers-training", "diffusers", "dopsd", *family.tags]
-    if kind == "lora":
-        tags += ["lora", "template:sd-lora"]
+    tags += ["lora", "template:sd-lora"] if kind == "lora" else []
     populate_model_card(card, tags=tags).save(str(output_dir / "README.md"))
 
 
@@ -834,7 +864,8 @@ class Run:
                     import wandb
 
                     tracker.log({name: wandb.Image(picture)}, step=step)
-        return base_images, [row[1] for row in rows]
+        samples = [(prompt, rows[i * self.args.num_validation_images][1]) for i, (prompt, _) in enumerate(self.rows)]
+        return base_images, samples
 
 
 def preview_teacher(run: Run):
@@ -853,6 +884,7 @@ def train(args, family_cls, adaptation_cls):
     run = Run(args, family_cls, adaptation_cls)
     accelerator, family, adaptation = run.accelerator, run.family, run.adaptation
     output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     if args.preview_teacher_only:
         if accelerator.is_main_process:
             preview_teacher(run)
@@ -932,12 +964,12 @@ def train(args, family_cls, adaptation_cls):
             base_images, _ = run.validate(step, base_images)
 
     accelerator.wait_for_everyone()
-    final_images = []
+    samples = []
     if accelerator.is_main_process:
         adaptation.save_final(output_dir)
         if not args.skip_final_validation:
-            base_images, final_images = run.validate(step, base_images)
-        write_model_card(args, family_cls, output_dir, final_images, adaptation.kind)
+            base_images, samples = run.validate(step, base_images)
+        write_model_card(args, family_cls, output_dir, samples, trigger_words(run.examples, args.instance_prompt), adaptation.kind)
         if args.push_to_hub:
             push_to_hub(args, output_dir)
     accelerator.end_training()

@@ -116,6 +116,15 @@ class ModelFamily:
         """Why the teacher context cannot be built yet, or None when it can."""
         return None
 
+    @staticmethod
+    def comfyui_lora(state_dict: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        """A diffusers-format LoRA (``transformer.<module>.lora_A/B.weight``) in ComfyUI's keys, with the alpha / rank
+        scale folded into lora_B (so no ``.alpha`` keys are needed). Default: ``diffusion_model.<diffusers name>``."""
+        return {
+            "diffusion_model." + key.removeprefix("transformer."): value * scale if ".lora_B." in key else value
+            for key, value in state_dict.items()
+        }
+
     def setup_teacher(self, *, vlm_name_or_path=None, min_pixels=512 * 512, max_pixels=768 * 768, prompt_suffix=None,
                       needed=True, **load_kwargs):
         """Prepare what the teacher context needs; each family reads the options that concern it."""
@@ -262,7 +271,9 @@ class QwenVLTeacherEncoder:
     def from_pretrained(cls, name_or_path, text_encoder, min_pixels: int, max_pixels: int, torch_dtype=None, **kwargs):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels, **kwargs)
+        # The pixel budget of the image view (transformers 5 names it size={shortest_edge, longest_edge}, in pixels).
+        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        processor = AutoProcessor.from_pretrained(name_or_path, size=size, **kwargs)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype or text_encoder.dtype, **kwargs)
         language_model = model.model.language_model
         source = text_encoder.state_dict()
@@ -345,6 +356,55 @@ class Flux2KleinFamily(ModelFamily):
                       needed=True, **load_kwargs):
         if prompt_suffix is not None:
             self.teacher_prompt_suffix = prompt_suffix
+
+    # diffusers module -> BFL module, as ComfyUI (and diffusers' own BFL converter) name FLUX.2 weights.
+    _BFL_NAMES = {
+        "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+        "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+        "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2",
+    }
+    _BFL_FUSED_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+                      "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+
+    @classmethod
+    def comfyui_lora(cls, state_dict, scale):
+        """FLUX.2 LoRAs load in ComfyUI under BFL names (``diffusion_model.double_blocks.N.img_attn.qkv``,
+        ``single_blocks.N.linear1``...). q, k and v are fused: their A factors are stacked and their B factors placed
+        block-diagonally, which is exactly the sum of the three LoRAs (at rank 3r)."""
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state_dict.items():
+            module, factor = key.removeprefix("transformer.").rsplit(".lora_", 1)
+            modules.setdefault(module, {})[factor.split(".")[0]] = value * scale if factor.startswith("B") else value
+        out = {}
+        for module, factors in list(modules.items()):
+            block, index, rest = module.split(".", 2) if module.count(".") >= 2 else (module, "", "")
+            if block == "single_transformer_blocks" and rest in ("attn.to_qkv_mlp_proj", "attn.to_out"):
+                target = f"single_blocks.{index}.{'linear1' if rest.endswith('proj') else 'linear2'}"
+            elif block == "transformer_blocks" and rest in cls._BFL_NAMES:
+                target = f"double_blocks.{index}.{cls._BFL_NAMES[rest]}"
+            elif block == "transformer_blocks" and any(rest in group for group in cls._BFL_FUSED_QKV.values()):
+                continue  # fused below
+            else:
+                raise ValueError(f"cannot name LoRA module {module} in ComfyUI's FLUX.2 layout: use --lora_format diffusers.")
+            out[f"diffusion_model.{target}.lora_A.weight"] = factors["A"]
+            out[f"diffusion_model.{target}.lora_B.weight"] = factors["B"]
+        blocks = sorted({m.split(".")[1] for m in modules if m.startswith("transformer_blocks.")}, key=int)
+        for index in blocks:
+            for fused, parts in cls._BFL_FUSED_QKV.items():
+                present = [modules.get(f"transformer_blocks.{index}.{part}") for part in parts]
+                if not any(present):
+                    continue
+                reference = next(f for f in present if f)
+                rows, rank = reference["B"].shape[0], reference["A"].shape[0]
+                a = torch.zeros(3 * rank, reference["A"].shape[1], dtype=reference["A"].dtype)
+                b = torch.zeros(3 * rows, 3 * rank, dtype=reference["B"].dtype)
+                for i, factors in enumerate(present):
+                    if factors:
+                        a[i * rank : (i + 1) * rank] = factors["A"]
+                        b[i * rows : (i + 1) * rows, i * rank : (i + 1) * rank] = factors["B"]
+                out[f"diffusion_model.double_blocks.{index}.{fused}.lora_A.weight"] = a
+                out[f"diffusion_model.double_blocks.{index}.{fused}.lora_B.weight"] = b
+        return out
 
     def default_size(self):
         size = self.pipe.default_sample_size * self.pipe.vae_scale_factor

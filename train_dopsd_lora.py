@@ -17,6 +17,7 @@ import contextlib
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
 
 from dopsd_training import UserError, build_parser, ema_update, finalize_args, logger, run_main, train
 
@@ -29,6 +30,9 @@ def parse_args(argv=None):
     lora.add_argument("--rank", type=int, default=64, help="LoRA rank.")
     lora.add_argument("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / rank).")
     lora.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
+    lora.add_argument("--lora_format", choices=["diffusers", "comfyui"], default="diffusers",
+                      help="Keys of the final pytorch_lora_weights.safetensors: diffusers (transformer.*) or comfyui "
+                           "(diffusion_model.*; BFL names for FLUX.2). diffusers' load_lora_weights reads both.")
     lora.add_argument("--lora_layers", default=None,
                       help="Comma-separated module-name suffixes to adapt, matched against every Linear of the "
                            "transformer (default: the family's attention and feed-forward layers).")
@@ -182,8 +186,13 @@ class LoraAdaptation:
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def save_final(self, output_dir):
-        self._save_adapter(output_dir, STUDENT, "pytorch_lora_weights.safetensors")
-        logger.info("saved the student LoRA to %s/pytorch_lora_weights.safetensors", output_dir)
+        if self.args.lora_format == "comfyui":
+            state = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(self.transformer, adapter_name=STUDENT).items()}
+            save_file(self.family.comfyui_lora(state, self.args.lora_alpha / self.args.rank),
+                      str(output_dir / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+        else:
+            self._save_adapter(output_dir, STUDENT, "pytorch_lora_weights.safetensors")
+        logger.info("saved the student LoRA (%s keys) to %s/pytorch_lora_weights.safetensors", self.args.lora_format, output_dir)
 
 
 def main(argv=None):

@@ -1,0 +1,281 @@
+"""Production readiness: data handling, validation, checkpoints, model card and Hub, export formats, bad input."""
+
+import argparse
+import io
+import json
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import dopsd_training as dt
+from conftest import load_stock
+from pipeline_dopsd import Flux2KleinFamily, ZImageFamily
+from test_train_lora import FAST, run
+from train_dopsd_lora import parse_args
+
+
+def args_for(**overrides):
+    base = dict(instance_data_dir=None, dataset_name=None, dataset_config_name=None, cache_dir=None, image_column="image",
+                caption_column=None, instance_prompt=None, resolution=64, aspect_ratio_buckets=dt.REFERENCE_BUCKETS,
+                skip_bad_images=False)
+    return argparse.Namespace(**{**base, **overrides})
+
+
+def png(path, size=(64, 64), mode="RGB", color=None):
+    Image.new(mode, size, color if color is not None else (10, 20, 30) if mode == "RGB" else 128).save(path)
+    return path
+
+
+# -- data --------------------------------------------------------------------------------------------------------------
+
+
+def test_buckets_are_the_reference_set_scaled_to_the_resolution():
+    buckets = dt.make_buckets(args_for(resolution=1024))
+    assert (1024, 1024) in buckets and (1152, 896) in buckets and (576, 1344) in buckets
+    assert dt.make_buckets(args_for(resolution=512)) == [(round(h / 32) * 16, round(w / 32) * 16) for h, w in buckets]
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in dt.make_buckets(args_for(resolution=64)))
+
+
+def test_one_bucket_per_batch_reshuffled_every_epoch_with_the_seed():
+    images = [Image.new("RGB", (64, 64))] * 4 + [Image.new("RGB", (80, 48))] * 4
+    examples = [dt.Example(str(i), im, ["a", "b"]) for i, im in enumerate(images)]
+    batches = dt.BucketBatches(examples, batch_size=2, seed=3)
+    first_epoch = [next(batches) for _ in range(4)]
+    second_epoch = [next(batches) for _ in range(4)]
+    for indices, column in first_epoch + second_epoch:
+        assert len({examples[i].image.size for i in indices}) == 1 and column in (0, 1)
+    assert sorted(i for b, _ in first_epoch for i in b) == list(range(8))
+    assert first_epoch != second_epoch
+    again = dt.BucketBatches(examples, batch_size=2, seed=3)
+    assert [next(again) for _ in range(4)] == first_epoch
+    resumed = dt.BucketBatches(examples, batch_size=2, seed=3)
+    resumed.load_state_dict({"epoch": 1, "index": 2})
+    assert [next(resumed) for _ in range(2)] == second_epoch[2:]
+
+
+def test_image_modes_are_converted_and_exif_orientation_is_honoured(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert dt.open_image(rgba, "x").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert dt.open_image(Image.new("P", (8, 8)), "x").mode == "RGB"
+    assert dt.open_image(Image.new("L", (8, 8), 200), "x").getpixel((0, 0)) == (200, 200, 200)
+    sixteen = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert dt.open_image(sixteen, "x").getpixel((0, 0)) == (255, 255, 255)
+    rotated = Image.new("RGB", (40, 20))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "rotated.jpg"
+    rotated.save(path, exif=exif)
+    assert dt.open_image(path, "rotated.jpg").size == (20, 40)
+
+
+def test_folder_with_metadata_jsonl_and_several_caption_columns(tmp_path):
+    png(tmp_path / "a.png")
+    png(tmp_path / "sub.png", size=(96, 64))
+    rows = [{"file_name": "a.png", "short": "[V] toy", "long": "a photo of [V] toy on a table"},
+            {"file_name": "sub.png", "short": "[V] toy, wide"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    raw = dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path), caption_column="short,long"))
+    assert [captions for _, _, captions in raw] == [["[V] toy", "a photo of [V] toy on a table"], ["[V] toy, wide"]]
+    examples = dt.load_examples(args_for(instance_data_dir=str(tmp_path)), raw, ZImageFamily)
+    assert examples[1].image.size[0] > examples[1].image.size[1]  # the wide image went to a landscape bucket
+
+
+@pytest.mark.parametrize("file_name", ["../outside.png", "/etc/passwd"])
+def test_metadata_paths_must_stay_inside_the_dataset(tmp_path, file_name):
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": file_name, "text": "x"}))
+    with pytest.raises(dt.UserError, match="outside the dataset folder"):
+        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+
+
+def test_local_imagefolder_through_datasets(tmp_path):
+    for i in range(2):
+        png(tmp_path / f"{i}.png", color=(i * 100, 0, 0))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "caption": f"[V] {i}"}) for i in range(2)))
+    raw = dt.collect_raw_examples(args_for(dataset_name=str(tmp_path), caption_column="caption"))
+    assert sorted(c[0] for _, _, c in raw) == ["[V] 0", "[V] 1"]
+    assert all(isinstance(image, Image.Image) for _, image, _ in raw)
+
+
+def test_bad_files_are_named_and_can_be_skipped(tmp_path, caplog):
+    good = png(tmp_path / "good.png")
+    (tmp_path / "good.txt").write_text("[V]")
+    (tmp_path / "fake.png").write_text("not an image")
+    truncated = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated, format="PNG")
+    (tmp_path / "cut.png").write_bytes(truncated.getvalue()[:60])
+    args = args_for(instance_data_dir=str(tmp_path), instance_prompt="[V]")
+    raw = dt.collect_raw_examples(args)
+    with pytest.raises(dt.UserError, match="cut.png"):
+        dt.load_examples(args, raw, ZImageFamily)
+    args.skip_bad_images = True
+    examples = dt.load_examples(args, raw, ZImageFamily)
+    assert [e.name for e in examples] == [str(good)]
+    assert sum("skipping unreadable image" in r.message for r in caplog.records) == 2
+
+
+def test_caption_problems_get_clear_messages(tmp_path):
+    png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"")
+    with pytest.raises(dt.UserError, match="a.txt is empty"):
+        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+    (tmp_path / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(dt.UserError, match="not UTF-8"):
+        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(dt.UserError, match="no caption"):
+        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+
+
+def test_argument_problems_are_caught_before_loading(tiny_models, sample_data, tmp_path):
+    model = ["--pretrained_model_name_or_path", str(tiny_models / "z-image"), "--instance_data_dir", str(sample_data)]
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = {
+        "is a file": ["--output_dir", str(a_file)],
+        "exactly one of": ["--dataset_name", "x"],
+        "leak the token": ["--report_to", "wandb", "--hub_token", "hf_x"],
+        "FLUX.2-klein only": ["--teacher_prompt_suffix", "keep it"],
+        "drop --method sft": ["--preview_teacher_only", "--method", "sft"],
+        "between 1 and": ["--rollout_steps", "9"],
+        "not writable": ["--output_dir", str(a_file / "below")],
+    }
+    for message, extra in cases.items():
+        with pytest.raises(dt.UserError, match=message):
+            parse_args([*model, "--output_dir", str(tmp_path / "out"), *extra])
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_family_defaults_apply_only_where_the_user_gave_no_value(tiny_models, sample_data, tmp_path, capsys):
+    common = ["--instance_data_dir", str(sample_data), "--output_dir", str(tmp_path)]
+    args, family = parse_args(["--pretrained_model_name_or_path", str(tiny_models / "flux2-klein"), *common])
+    assert family is Flux2KleinFamily and (args.learning_rate, args.num_inference_steps, args.rollout_steps) == (2e-5, 4, 4)
+    assert "--learning_rate 2e-05" in capsys.readouterr().out
+    args, family = parse_args(["--pretrained_model_name_or_path", str(tiny_models / "z-image"), "--learning_rate", "3e-4", *common])
+    assert family is ZImageFamily and (args.learning_rate, args.num_inference_steps, args.rollout_steps) == (3e-4, 8, 4)
+    args, _ = parse_args(["--pretrained_model_name_or_path", str(tiny_models / "flux2-klein-base"), "--num_inference_steps", "8", *common])
+    assert args.num_inference_steps == 8
+
+
+# -- validation, checkpoints, logging ------------------------------------------------------------------------------------
+
+
+def test_validation_does_not_change_training_and_writes_grids(tiny_models, sample_data, tmp_path):
+    common = ["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data,
+              "--max_train_steps", 3, "--learning_rate", 1e-2, "--checkpointing_steps", 3, *FAST]
+    run([*common, "--output_dir", tmp_path / "plain"])
+    common = [c for c in common if c not in ("--validation_steps", "0", "--skip_final_validation")]
+    run([*common, "--output_dir", tmp_path / "validated", "--validation_steps", 1, "--num_validation_images", 1,
+         "--validation_prompt", "a photo of [V] toy", "--report_to", "tensorboard"])
+    a = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "validated" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    samples = tmp_path / "validated" / "samples"
+    grid = Image.open(samples / "step-000003.png")
+    assert grid.size == (3 * 64, 64)  # base | student | teacher
+    assert (samples / "rollout-step-000001.png").exists()
+    assert list((tmp_path / "validated" / "logs").rglob("events.out.tfevents.*"))
+    card = (tmp_path / "validated" / "README.md").read_text()
+    assert "a photo of [V] toy" in card and "num_inference_steps=4" in card and "`[V]`" in card
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_models, sample_data, tmp_path):
+    out = tmp_path / "out"
+    result = run(["--pretrained_model_name_or_path", tiny_models / "z-image", "--teacher_vlm_name_or_path", tiny_models / "qwen3-vl-teacher",
+                  "--teacher_min_pixels", 1024, "--teacher_max_pixels", 4096, "--instance_data_dir", sample_data,
+                  "--output_dir", out, "--max_train_steps", 6, "--checkpointing_steps", 1, "--learning_rate", 1e30,
+                  "--max_grad_norm", 1e30, *FAST], check=False)
+    assert result.returncode != 0
+    assert "the loss is" in result.stderr and "at step" in result.stderr
+    checkpoints = dt.checkpoint_dirs(out)
+    assert checkpoints and all((c / "training_state.json").exists() for c in checkpoints)
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_latest_ignores_a_half_written_checkpoint_and_rotation_keeps_the_newest(tmp_path):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "training_state.json").write_text("{}")
+    (tmp_path / ".partial-checkpoint-6").mkdir()  # a save killed half-way
+    args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
+    assert dt.resolve_resume(args).name == "checkpoint-4"
+    args.resume_from_checkpoint = str(tmp_path / ".partial-checkpoint-6")
+    with pytest.raises(dt.UserError, match="not a complete checkpoint"):
+        dt.resolve_resume(args)
+
+
+# -- model card, Hub, export ---------------------------------------------------------------------------------------------
+
+
+def card_args(base, **overrides):
+    values = dict(hub_model_id=None, output_dir="out", pretrained_model_name_or_path=base, num_inference_steps=4, rank=8,
+                  lora_alpha=8, method="dopsd", max_train_steps=10, learning_rate=1e-4, rollout_steps=4, ema_decay=0.9999,
+                  loss_space="x0", instance_prompt="a photo of [V] dog", hub_token="hf_secret")
+    return argparse.Namespace(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("base,license", [("black-forest-labs/FLUX.2-klein-4B", "apache-2.0"),
+                                          ("black-forest-labs/FLUX.2-klein-9B", "other"),
+                                          ("Tongyi-MAI/Z-Image-Turbo", "apache-2.0")])
+def test_model_card_has_the_licence_snippets_and_widget(tmp_path, base, license):
+    family = ZImageFamily if "Z-Image" in base else Flux2KleinFamily
+    samples = [("a photo of [V] dog on a beach", Image.new("RGB", (8, 8)))]
+    dt.write_model_card(card_args(base, num_inference_steps=family.native_steps), family, tmp_path, samples, ["[V]"], "lora")
+    card = (tmp_path / "README.md").read_text()
+    assert f"license: {license}" in card and f"base_model: {base}" in card
+    assert "image_0.png" in card and (tmp_path / "image_0.png").exists()
+    assert f"num_inference_steps={family.native_steps}" in card and 'custom_pipeline="pipeline_dopsd.py"' in card
+    assert "`[V]`" in card and "hf_secret" not in card and "lora" in card
+    if license == "other":
+        assert "flux-non-commercial-license" in card
+
+
+def test_push_to_hub_uploads_the_output_without_checkpoints(tmp_path):
+    with mock.patch("huggingface_hub.create_repo") as create, mock.patch("huggingface_hub.upload_folder") as upload:
+        create.return_value.repo_id = "user/out"
+        dt.push_to_hub(card_args("Tongyi-MAI/Z-Image-Turbo", hub_model_id="user/out"), tmp_path)
+    assert upload.call_args.kwargs["repo_id"] == "user/out"
+    assert "checkpoint-*" in upload.call_args.kwargs["ignore_patterns"]
+
+
+def test_saved_args_never_hold_the_token(tmp_path):
+    dt.save_args(card_args("Tongyi-MAI/Z-Image-Turbo"), tmp_path)
+    assert "hf_secret" not in (tmp_path / "args.json").read_text()
+
+
+def test_comfyui_export_round_trips_through_diffusers_loaders(tiny_models, sample_data, tmp_path):
+    outputs = {}
+    for fmt in ("diffusers", "comfyui"):
+        out = tmp_path / fmt
+        run(["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data, "--output_dir", out,
+             "--max_train_steps", 2, "--learning_rate", 1e-2, "--lora_format", fmt, *FAST])
+        keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
+        assert all(k.startswith("transformer." if fmt == "diffusers" else "diffusion_model.") for k in keys)
+        if fmt == "comfyui":
+            assert any(".img_attn.qkv." in k for k in keys) and any("single_blocks.1.linear1" in k for k in keys)
+        pipe = load_stock(tiny_models / "flux2-klein")
+        pipe.load_lora_weights(str(out))
+        outputs[fmt] = pipe(prompt="a photo of [V] toy", num_inference_steps=4, height=64, width=64, output_type="np",
+                            generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(outputs["diffusers"] - outputs["comfyui"]).max() <= 1e-5
+
+
+def test_zimage_comfyui_keys_round_trip(zimage, tiny_models, tmp_path):
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    transformer = zimage.transformer
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_q", "w1"]), adapter_name="x")
+    state = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name="x").items()}
+    kwargs = dict(prompt="a cat", num_inference_steps=2, height=64, width=64, guidance_scale=0.0, output_type="np")
+    trained = zimage(generator=torch.Generator().manual_seed(0), **kwargs).images
+    comfy = ZImageFamily.comfyui_lora(state, 8 / 4)
+    assert any(k.startswith("diffusion_model.layers.0.attention.to_q.lora_") for k in comfy)
+    save_file(comfy, str(tmp_path / "lora.safetensors"))
+    fresh = load_stock(tiny_models / "z-image")
+    fresh.load_lora_weights(str(tmp_path / "lora.safetensors"))
+    assert np.abs(fresh(generator=torch.Generator().manual_seed(0), **kwargs).images - trained).max() <= 1e-5
