@@ -102,6 +102,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--aspect_ratio_buckets", default=REFERENCE_BUCKETS,
                       help="Aspect-ratio buckets as 'h,w;h,w;...' for a 1024 resolution, scaled by --resolution / 1024; "
                            "each image goes to the nearest-aspect bucket, one bucket per batch.")
+    data.add_argument("--condition_cache_dir", default=None,
+                      help="Cache the computed conditions (and SFT latents) on disk here, reused across runs and "
+                           "resumes and recomputed when the model, prompt or image changes; default: in memory.")
     data.add_argument("--skip_bad_images", action="store_true",
                       help="Skip unreadable images with a warning instead of stopping.")
 
@@ -235,11 +238,24 @@ def load_model_index(args) -> dict:
 
 @dataclass
 class Example:
-    """One training image, already cropped to its bucket, with its candidate captions (one per caption column)."""
+    """One training image, already cropped to its bucket, with its candidate captions (one per caption column).
+
+    `image` is dropped once its conditions are cached (thousands of images need not stay in memory); `size` and
+    `digest` (a hash of the pixels, for the condition cache) remain.
+    """
 
     name: str
-    image: Image.Image
+    image: Image.Image | None
     captions: list[str]
+    size: tuple[int, int] = (0, 0)
+    digest: str = ""
+
+    def __post_init__(self):
+        if self.image is not None:
+            import hashlib
+
+            self.size = self.image.size
+            self.digest = hashlib.sha256(self.image.tobytes()).hexdigest()
 
 
 def open_image(path_or_image, name: str) -> Image.Image:
@@ -411,7 +427,7 @@ class BucketBatches:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, example in enumerate(self.examples):
-            groups.setdefault(example.image.size, []).append(i)
+            groups.setdefault(example.size, []).append(i)
         batches = []
         for indices in groups.values():
             rng.shuffle(indices)
@@ -455,30 +471,90 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ConditionCache:
-    """Student and teacher conditions (and SFT target latents) for every (example, caption), computed once."""
+    """Student and teacher conditions (and SFT target latents) for every (example, caption), computed once.
 
-    def __init__(self):
-        self.student: dict[str, dict] = {}
-        self.teacher: dict[tuple[int, str], dict] = {}
-        self.latents: dict[int, torch.Tensor] = {}
+    With a folder, each entry is a safetensors file named by a hash of everything it depends on (model, teacher
+    options, prompt, image pixels), loaded when a batch needs it: reused across runs and resumes, and recomputed when
+    the model, the prompt or the image changes. Without one, entries stay in memory.
+    """
 
-    @staticmethod
-    def _cpu(condition):
-        return {k: v.detach().cpu() for k, v in condition.items()}
+    def __init__(self, directory: str | Path | None = None, fingerprint: str = ""):
+        self.directory = Path(directory) if directory else None
+        self.fingerprint = fingerprint
+        self.memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.keys: dict[tuple, str] = {}
+        if self.directory:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _key(self, *parts) -> str:
+        import hashlib
+
+        digest = hashlib.sha256(self.fingerprint.encode())
+        for part in parts:
+            digest.update(part if isinstance(part, bytes) else str(part).encode())
+            digest.update(b"\0")
+        return digest.hexdigest()[:32]
+
+    def _has(self, key: str) -> bool:
+        return key in self.memory or bool(self.directory and (self.directory / f"{key}.safetensors").exists())
+
+    def _put(self, key: str, tensors: dict[str, torch.Tensor]):
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        if self.directory is None:
+            self.memory[key] = tensors
+            return
+        from safetensors.torch import save_file
+
+        partial = self.directory / f".{key}.{os.getpid()}.partial"
+        save_file(tensors, str(partial))
+        os.replace(partial, self.directory / f"{key}.safetensors")
+
+    def _get(self, key: str) -> dict[str, torch.Tensor]:
+        if key in self.memory:
+            return self.memory[key]
+        from safetensors.torch import load_file
+
+        return load_file(str(self.directory / f"{key}.safetensors"))
+
+    def student(self, prompt: str) -> dict[str, torch.Tensor]:
+        return self._get(self.keys[("student", prompt)])
+
+    def teacher(self, index: int, caption: str) -> dict[str, torch.Tensor]:
+        return self._get(self.keys[("teacher", index, caption)])
+
+    def latents(self, index: int) -> torch.Tensor:
+        return self._get(self.keys[("latents", index)])["latents"]
 
     @torch.no_grad()
-    def fill(self, family: ModelFamily, examples: list[Example], method: str, extra_prompts=()):
-        prompts = sorted({c for e in examples for c in e.captions} | set(extra_prompts))
-        for prompt in prompts:
-            if prompt not in self.student:
-                self.student[prompt] = self._cpu(family.encode_student([prompt])[0])
+    def fill(self, family: ModelFamily, examples: list[Example], method: str, extra_prompts=(), rank: int = 0, world_size: int = 1):
+        """Compute what is missing. Ranks split the work when the cache is on disk (then call `index` after a barrier)."""
+        todo = self.index(examples, method, extra_prompts)
+        for n, (what, key, prompt, example) in enumerate(todo):
+            if self._has(key) or (self.directory is not None and n % world_size != rank):
+                continue
+            if what == "student":
+                self._put(key, family.encode_student([prompt])[0])
+            elif what == "teacher":
+                self._put(key, family.encode_teacher([prompt], [example.image])[0])
+            else:
+                self._put(key, {"latents": family.encode_images(image_tensor(example.image))[0]})
+
+    def index(self, examples, method, extra_prompts=()):
+        """Name every entry this run needs; returns (kind, key, prompt, example) for each."""
+        todo = []
+        for prompt in sorted({c for e in examples for c in e.captions} | set(extra_prompts)):
+            key = self.keys[("student", prompt)] = self._key("student", prompt)
+            todo.append(("student", key, prompt, None))
         for i, example in enumerate(examples):
+            pixels = example.digest
             if method == "dopsd":
                 for caption in example.captions:
-                    if (i, caption) not in self.teacher:
-                        self.teacher[(i, caption)] = self._cpu(family.encode_teacher([caption], [example.image])[0])
-            elif i not in self.latents:
-                self.latents[i] = family.encode_images(image_tensor(example.image))[0].cpu()
+                    key = self.keys[("teacher", i, caption)] = self._key("teacher", caption, pixels)
+                    todo.append(("teacher", key, caption, example))
+            else:
+                key = self.keys[("latents", i)] = self._key("latents", pixels)
+                todo.append(("latents", key, None, example))
+        return todo
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -720,6 +796,15 @@ def load_base_pipeline(args, weight_dtype):
     )
 
 
+def condition_fingerprint(args, dtype) -> str:
+    """Everything a cached condition depends on besides its prompt and image."""
+    return json.dumps({
+        "model": str(args.pretrained_model_name_or_path), "revision": args.revision, "variant": args.variant, "dtype": str(dtype),
+        "teacher_vlm": str(args.teacher_vlm_name_or_path), "teacher_pixels": [args.teacher_min_pixels, args.teacher_max_pixels],
+        "teacher_prompt_suffix": args.teacher_prompt_suffix, "format": 1,
+    }, sort_keys=True)
+
+
 def validation_rows(args, examples):
     """(prompt, reference image) pairs for the grids: --validation_prompt with the first training image as the
     teacher's reference, or else the first caption of each training image (at most four)."""
@@ -742,6 +827,8 @@ class Run:
         # by 1 / (rollout_steps * accumulation), syncs gradients only after the last state, and steps the optimizer once.
         micro_steps = args.gradient_accumulation_steps * (args.rollout_steps if args.method == "dopsd" else 1)
         self.accelerator = Accelerator(
+            # With no accelerator at all, `--multi_gpu` processes still form a (gloo) process group on the CPU.
+            cpu=not torch.accelerator.is_available(),
             gradient_accumulation_steps=micro_steps, mixed_precision=args.mixed_precision,
             log_with=None if args.report_to == "none" else args.report_to,
             project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)),
@@ -759,18 +846,22 @@ class Run:
         self.family = family_for(pipe)
         self.family.setup_teacher(
             vlm_name_or_path=args.teacher_vlm_name_or_path, min_pixels=args.teacher_min_pixels, max_pixels=args.teacher_max_pixels,
-            prompt_suffix=args.teacher_prompt_suffix, needed=args.method == "dopsd" or args.preview_teacher_only,
+            prompt_suffix=args.teacher_prompt_suffix, needed=args.method == "dopsd",
             cache_dir=args.cache_dir,
         )
         encoders = self.family.encoders()
         for module in encoders:
             module.to(self.device)
         self.rows = validation_rows(args, self.examples)
-        self.conditions = ConditionCache()
-        self.conditions.fill(self.family, self.examples, "dopsd" if args.preview_teacher_only else args.method, [p for p, _ in self.rows])
+        self.conditions = ConditionCache(args.condition_cache_dir, condition_fingerprint(args, self.weight_dtype))
+        self.conditions.fill(self.family, self.examples, args.method, [p for p, _ in self.rows],
+                             self.accelerator.process_index, self.accelerator.num_processes)
+        self.accelerator.wait_for_everyone()
+        for example in self.examples:
+            example.image = None  # conditions are cached; the validation rows keep their own references
         self.validation_teacher = {
             prompt: self.family.encode_teacher([prompt], [image])[0] for prompt, image in self.rows
-        } if args.method == "dopsd" or args.preview_teacher_only else {}
+        } if args.method == "dopsd" else {}
         # Conditions are cached: the encoders leave the accelerator for the rest of the run.
         for module in encoders:
             module.to("cpu")
@@ -794,24 +885,30 @@ class Run:
 
     # -- validation -----------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample_grid(self, base_images=None):
-        """Rows of base | student | teacher with the same noise per row, at the deployment step count."""
+    def sample_grid(self):
+        """Rows of base | student | teacher with the same noise per row, at the deployment step count.
+
+        The base column is generated once, before any training, and kept under samples/base/ so that it stays the
+        untouched base model across validations and resumes (a fully fine-tuned run has no other copy of it).
+        """
         args, family = self.args, self.family
-        rows, base_out = [], []
+        base_dir = Path(args.output_dir) / "samples" / "base"
+        rows = []
         family.pipe.vae.to(self.device)
         for prompt, image in self.rows:
             width, height = image.size
             sigmas = family.sigmas(args.num_inference_steps, height, width, self.device)
-            student_condition = family.collate([self.conditions.student[prompt]], self.device)
+            student_condition = family.collate([self.conditions.student(prompt)], self.device)
             for r in range(args.num_validation_images):
                 noise = family.initial_noise(1, height, width, validation_generator(prompt, r, args.seed)).to(self.device)
-                if base_images is None:
-                    with self.adaptation.base():
-                        x = family.sample(self.transformer, student_condition, noise, sigmas)
-                    base = family.decode(x)[0]
+                base_file = base_dir / f"{validation_generator(prompt, r, args.seed).initial_seed()}-{width}x{height}.png"
+                if base_file.exists():
+                    base = Image.open(base_file).convert("RGB")
                 else:
-                    base = base_images[len(base_out)]
-                base_out.append(base)
+                    with self.adaptation.base():
+                        base = family.decode(family.sample(self.transformer, student_condition, noise, sigmas))[0]
+                    base_dir.mkdir(parents=True, exist_ok=True)
+                    base.save(base_file)
                 with self.adaptation.student():
                     student = family.decode(family.sample(self.transformer, student_condition, noise, sigmas))[0]
                 row = [base, student]
@@ -820,7 +917,7 @@ class Run:
                     row.append(family.decode(self.adaptation.teacher_sample(teacher_condition, noise, sigmas))[0])
                 rows.append(row)
         family.pipe.vae.to("cpu")
-        return rows, base_out
+        return rows
 
     @torch.no_grad()
     def rollout_strip(self):
@@ -831,7 +928,7 @@ class Run:
         prompt, image = self.rows[0]
         width, height = image.size
         sigmas = rollout_sigmas(family.sigmas(args.num_inference_steps, height, width, self.device), args.rollout_steps)
-        student_condition = family.collate([self.conditions.student[prompt]], self.device)
+        student_condition = family.collate([self.conditions.student(prompt)], self.device)
         teacher_condition = family.collate([self.validation_teacher[prompt]], self.device)
         x = family.initial_noise(1, height, width, validation_generator(prompt, 0, args.seed)).to(self.device)
         student_row, teacher_row = [], []
@@ -846,8 +943,9 @@ class Run:
         family.pipe.vae.to("cpu")
         return make_grid([student_row, teacher_row])
 
-    def validate(self, step: int, base_images):
-        rows, base_images = self.sample_grid(base_images)
+    def validate(self, step: int):
+        """Grids under samples/ and to the trackers; returns (prompt, student image) pairs for the model card."""
+        rows = self.sample_grid()
         samples = Path(self.args.output_dir) / "samples"
         samples.mkdir(exist_ok=True)
         grid = make_grid(rows)
@@ -865,12 +963,23 @@ class Run:
 
                     tracker.log({name: wandb.Image(picture)}, step=step)
         samples = [(prompt, rows[i * self.args.num_validation_images][1]) for i, (prompt, _) in enumerate(self.rows)]
-        return base_images, samples
+        return samples
+
+
+def check_ranks_agree(accelerator, adaptation):
+    """Every rank must end with the same student and teacher: compare one checksum of each across ranks."""
+    if accelerator.num_processes == 1:
+        return
+    sums = torch.stack([adaptation.checksum("student"), adaptation.checksum("teacher")]).double().to(accelerator.device)
+    gathered = accelerator.gather(sums[None]).view(accelerator.num_processes, 2)
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"ranks disagree on the weights (checksums per rank {gathered.tolist()}): please report this.")
+    logger.info("student and teacher identical on all %d ranks", accelerator.num_processes)
 
 
 def preview_teacher(run: Run):
     """--preview_teacher_only: a student | teacher grid for the training images, before any training."""
-    rows, _ = run.sample_grid()
+    rows = run.sample_grid()
     path = Path(run.args.output_dir) / "teacher_preview.png"
     make_grid([row[1:] for row in rows]).save(path)
     logger.info("wrote %s (columns: student, teacher; rows: training prompts x seeds)", path)
@@ -890,11 +999,14 @@ def train(args, family_cls, adaptation_cls):
             preview_teacher(run)
         return
 
+    if accelerator.state.deepspeed_plugin is not None:
+        # No dataloader goes through prepare(), so DeepSpeed is told the micro-batch size here.
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
     optimizer = adaptation.make_optimizer()
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(run.transformer, optimizer, lr_scheduler)
-    adaptation.register_checkpoint_hooks()
+    adaptation.use_prepared(model)
     batches = BucketBatches(run.examples, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     noise_generator = torch.Generator(run.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
@@ -911,7 +1023,8 @@ def train(args, family_cls, adaptation_cls):
     if accelerator.is_main_process:
         save_args(args, output_dir)
         accelerator.init_trackers("dopsd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    base_images = None
+        if step == 0 and (args.validation_steps or not args.skip_final_validation):
+            run.validate(0)  # the untouched base column, and what the teacher draws before any training
     log_file = output_dir / "loss_log.jsonl"
     progress = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     while step < args.max_train_steps:
@@ -919,17 +1032,17 @@ def train(args, family_cls, adaptation_cls):
         for _ in range(args.gradient_accumulation_steps):
             indices, column = next(batches)
             examples = [run.examples[i] for i in indices]
-            width, height = examples[0].image.size
-            student_condition = family.collate([run.conditions.student[caption_of(e, column)] for e in examples], run.device)
+            width, height = examples[0].size
+            student_condition = family.collate([run.conditions.student(caption_of(e, column)) for e in examples], run.device)
             noise = family.initial_noise(len(indices), height, width, noise_generator, run.device)
             if args.method == "dopsd":
-                teacher_condition = family.collate([run.conditions.teacher[(i, caption_of(e, column))] for i, e in zip(indices, examples)], run.device)
+                teacher_condition = family.collate([run.conditions.teacher(i, caption_of(e, column)) for i, e in zip(indices, examples)], run.device)
                 sigmas = rollout_sigmas(family.sigmas(args.num_inference_steps, height, width, run.device), args.rollout_steps)
                 with adaptation.student():
                     losses.append(dopsd_step(run.student(model, student_condition), run.teacher(teacher_condition), noise, sigmas,
                                              args.loss_space, accelerator.backward, lambda: accelerator.accumulate(model)))
             else:
-                x0 = torch.stack([run.conditions.latents[i] for i in indices]).to(run.device)
+                x0 = torch.stack([run.conditions.latents(i) for i in indices]).to(run.device)
                 sigma = sample_sft_sigmas(family, len(indices), height, width, noise_generator, run.device)
                 with adaptation.student(), accelerator.accumulate(model):
                     losses.append([sft_step(run.student(model, student_condition), x0, noise, sigma, accelerator.backward)])
@@ -944,7 +1057,9 @@ def train(args, family_cls, adaptation_cls):
         adaptation.update_teacher()
         step += 1
 
-        logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm)}
+        logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}
+        if grad_norm is not None:  # DeepSpeed clips inside its engine
+            logs["grad_norm"] = float(grad_norm)
         logs.update({f"loss_state_{k}": float(v) for k, v in enumerate(per_state)} if args.method == "dopsd" else {})
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4g}", lr=f"{logs['lr']:.2g}")
@@ -961,14 +1076,15 @@ def train(args, family_cls, adaptation_cls):
             }
             save_checkpoint(accelerator, args, step, state)
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps and accelerator.is_main_process:
-            base_images, _ = run.validate(step, base_images)
+            run.validate(step)
 
     accelerator.wait_for_everyone()
+    check_ranks_agree(accelerator, adaptation)
+    adaptation.save_final(output_dir)  # on every rank: sharded engines gather the weights collectively
     samples = []
     if accelerator.is_main_process:
-        adaptation.save_final(output_dir)
         if not args.skip_final_validation:
-            base_images, samples = run.validate(step, base_images)
+            samples = run.validate(step)
         write_model_card(args, family_cls, output_dir, samples, trigger_words(run.examples, args.instance_prompt), adaptation.kind)
         if args.push_to_hub:
             push_to_hub(args, output_dir)

@@ -42,6 +42,11 @@ def euler_step(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, v
     return x + (sigma_next - sigma) * velocity
 
 
+def _weights_dtype(model) -> torch.dtype:
+    """dtype of a model's weights, also through a distributed wrapper (DDP, DeepSpeed, FSDP keep it as .module)."""
+    return getattr(model, "module", model).dtype
+
+
 def rollout_sigmas(sigmas: torch.Tensor, rollout_steps: int) -> torch.Tensor:
     """The `rollout_steps` states D-OPSD trains on, taken from an inference schedule of N steps (N + 1 sigmas).
 
@@ -237,7 +242,7 @@ class ZImageFamily(ModelFamily):
 
     def velocity(self, transformer, x, sigma, condition, attention_kwargs=None):
         timestep = (1 - sigma).expand(x.shape[0])
-        latents = list(x.to(transformer.dtype).unsqueeze(2).unbind(0))
+        latents = list(x.to(_weights_dtype(transformer)).unsqueeze(2).unbind(0))
         out = transformer(latents, timestep, condition["caption"], joint_attention_kwargs=attention_kwargs, return_dict=False)[0]
         return -torch.stack([o.float() for o in out]).squeeze(2)
 
@@ -468,8 +473,8 @@ class Flux2KleinFamily(ModelFamily):
             tokens = torch.cat([tokens, condition["reference_latents"].to(tokens.dtype)], dim=1)
             ids = torch.cat([ids, condition["reference_ids"].to(ids.device)], dim=1)
         out = transformer(
-            hidden_states=tokens.to(transformer.dtype),
-            timestep=sigma.expand(batch).to(transformer.dtype),
+            hidden_states=tokens.to(_weights_dtype(transformer)),
+            timestep=sigma.expand(batch).to(_weights_dtype(transformer)),
             guidance=None,
             encoder_hidden_states=condition["prompt_embeds"],
             txt_ids=condition["text_ids"],

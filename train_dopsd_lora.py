@@ -142,6 +142,10 @@ class LoraAdaptation:
     def update_teacher(self):
         ema_update(self.teacher_params, self.student_params, self.args.ema_decay)
 
+    def checksum(self, role: str) -> torch.Tensor:
+        params = self.student_params if role == "student" else self.teacher_params
+        return sum((p.detach().double().sum() for p in params), torch.zeros((), dtype=torch.float64))
+
     # -- saving -----------------------------------------------------------------------------------------------------------
     def _save_adapter(self, directory, adapter, weight_name):
         type(self.family.pipe).save_lora_weights(
@@ -156,6 +160,9 @@ class LoraAdaptation:
         incompatible = set_peft_model_state_dict(self.transformer, state, adapter_name=adapter)
         if getattr(incompatible, "unexpected_keys", None):
             raise UserError(f"checkpoint {directory} does not match this LoRA configuration (unexpected {incompatible.unexpected_keys[0]}).")
+
+    def use_prepared(self, model):
+        self.register_checkpoint_hooks()
 
     def register_checkpoint_hooks(self):
         """checkpoint-N holds both adapters in diffusers format (the student loads like a final LoRA) plus accelerate's
@@ -186,6 +193,8 @@ class LoraAdaptation:
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def save_final(self, output_dir):
+        if not self.accelerator.is_main_process:
+            return
         if self.args.lora_format == "comfyui":
             state = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(self.transformer, adapter_name=STUDENT).items()}
             save_file(self.family.comfyui_lora(state, self.args.lora_alpha / self.args.rank),

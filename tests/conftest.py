@@ -29,6 +29,28 @@ def sample_data() -> Path:
     return REPO / "examples" / "tiny_concept"
 
 
+def run_script(script, args, launcher=None, check=True):
+    """Run one of the project's scripts in a subprocess, offline; fail with its output when it fails."""
+    import subprocess
+
+    command = (launcher or [sys.executable]) + [str(REPO / script)] + [str(a) for a in args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def accelerate_config(tmp_path_factory):
+    """A single-process accelerate config, as diffusers' example tests write it."""
+    from accelerate.utils import write_basic_config
+
+    path = tmp_path_factory.mktemp("accelerate") / "default_config.yaml"
+    write_basic_config(save_location=str(path))
+    return path
+
+
 def load_stock(path):
     from diffusers import DiffusionPipeline
 

@@ -1,38 +1,20 @@
 """train_dopsd_lora.py end to end: accelerate launch, outputs, stock loading, resume, and answers to bad input."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, load_stock
+from conftest import load_stock, run_script
 
 FAST = ["--resolution", "64", "--rank", "4", "--lora_alpha", "4", "--validation_steps", "0", "--skip_final_validation",
         "--report_to", "none"]
 
 
-@pytest.fixture(scope="module")
-def accelerate_config(tmp_path_factory):
-    from accelerate.utils import write_basic_config
-
-    path = tmp_path_factory.mktemp("accelerate") / "default_config.yaml"
-    write_basic_config(save_location=str(path))
-    return path
-
-
 def run(args, launcher=None, check=True):
-    command = (launcher or [sys.executable]) + [str(REPO / "train_dopsd_lora.py")] + [str(a) for a in args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return result
+    return run_script("train_dopsd_lora.py", args, launcher, check)
 
 
 def launch(accelerate_config, args, **kwargs):
