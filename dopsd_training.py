@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from dopsd_metrics import DEFAULT_QUALITY_WARN_RATIO
 from pipeline_dopsd import FAMILIES, ModelFamily, euler_step, family_class, rollout_sigmas, x0_from_velocity
 
 logger = logging.getLogger("dopsd")
@@ -91,6 +92,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--dataset_name", default=None,
                       help="A Hub dataset or a local folder loaded with datasets (imagefolder).")
     data.add_argument("--dataset_config_name", default=None, help="Config of --dataset_name.")
+    data.add_argument("--dataset_streaming", action="store_true",
+                      help="Stream --dataset_name instead of downloading it whole; images are cropped to their bucket as "
+                           "they arrive and dropped once their conditions are cached.")
     data.add_argument("--cache_dir", default=None, help="Cache folder for downloaded models and datasets.")
     data.add_argument("--image_column", default="image", help="Image column of --dataset_name.")
     data.add_argument("--caption_column", default=None,
@@ -155,6 +159,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                       help="Validate every N steps and at the end; 0 validates only at the end.")
     ckpt.add_argument("--num_validation_images", type=int, default=2, help="Rows (seeds) per validation prompt.")
     ckpt.add_argument("--skip_final_validation", action="store_true", help="Do not validate at the end.")
+    ckpt.add_argument("--quality_warn_ratio", type=float, default=DEFAULT_QUALITY_WARN_RATIO,
+                      help="Warn when the student's few-step detail (high-frequency energy) falls below this fraction "
+                           "of the base model's on the validation images (same noise): the turbo ability slipping.")
     ckpt.add_argument("--preview_teacher_only", action="store_true",
                       help="Write a student | teacher grid for the training images and exit without training.")
     ckpt.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
@@ -299,8 +306,9 @@ def _caption_columns(args) -> list[str] | None:
     return [c.strip() for c in args.caption_column.split(",") if c.strip()] if args.caption_column else None
 
 
-def collect_raw_examples(args) -> list[tuple[str, object, list[str]]]:
-    """(name, path or PIL image, captions) for every training image, checked before any model is loaded."""
+def collect_raw_examples(args):
+    """(name, path or PIL image, captions) for every training image, checked before any model is loaded
+    (a dataset's rows are checked as they are read, still before any model is loaded)."""
     columns = _caption_columns(args)
     if args.instance_data_dir is not None:
         return _folder_examples(Path(args.instance_data_dir), columns, args.instance_prompt)
@@ -346,25 +354,27 @@ def _dataset_examples(args, columns):
     import datasets
 
     try:
-        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir, split="train",
+                                        streaming=args.dataset_streaming)
+        names = dataset.column_names or list(next(iter(dataset)).keys())
     except Exception as error:  # noqa: BLE001
         raise UserError(f"cannot load --dataset_name {args.dataset_name} ({type(error).__name__}: {error}).") from None
-    names = dataset.column_names
     if args.image_column not in names:
         raise UserError(f"--image_column {args.image_column} is not a column of {args.dataset_name} (columns: {', '.join(names)}).")
     columns = columns or [c for c in ("text", "caption", "prompt") if c in names][:1]
     missing = [c for c in columns if c not in names]
     if missing:
         raise UserError(f"--caption_column {','.join(missing)} not in {args.dataset_name} (columns: {', '.join(names)}).")
-    rows = []
+    return _dataset_rows(args, dataset, columns)
+
+
+def _dataset_rows(args, dataset, columns):
+    """Rows one at a time, so that a streamed dataset is never held whole in memory."""
     for i, row in enumerate(dataset):
         captions = [str(row[c]) for c in columns if row.get(c)] or ([args.instance_prompt] if args.instance_prompt else [])
         if not captions:
             raise UserError(f"row {i} of {args.dataset_name} has no caption: pass --caption_column or --instance_prompt.")
-        rows.append((f"{args.dataset_name}[{i}]", row[args.image_column], captions))
-    if not rows:
-        raise UserError(f"--dataset_name {args.dataset_name} is empty.")
-    return rows
+        yield f"{args.dataset_name}[{i}]", row[args.image_column], captions
 
 
 def make_buckets(args) -> list[tuple[int, int]]:
@@ -406,7 +416,7 @@ def load_examples(args, raw, family: type[ModelFamily]) -> list[Example]:
             raise UserError(f"{name}: {reason}; resize or remove it.")
         examples.append(Example(name, crop_to_bucket(image, buckets), captions))
     if not examples:
-        raise UserError("no readable training images are left after --skip_bad_images.")
+        raise UserError("no readable training images: check the data source (or --skip_bad_images skipped them all).")
     return examples
 
 
@@ -787,13 +797,15 @@ def is_finite(value: float) -> bool:
 # The training program both scripts run; `adaptation` is what differs (a LoRA teacher adapter, or an EMA weight copy).
 
 
-def load_base_pipeline(args, weight_dtype):
-    from diffusers import DiffusionPipeline
+def load_base_pipeline(args, weight_dtype, transformer_kwargs: dict):
+    """The stock pipeline; `transformer_kwargs` (e.g. a quantization config) apply to its transformer only."""
+    from diffusers import AutoModel, DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        dtype=weight_dtype,
-    )
+    common = dict(revision=args.revision, variant=args.variant, cache_dir=args.cache_dir, dtype=weight_dtype)
+    components = {}
+    if transformer_kwargs:
+        components["transformer"] = AutoModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="transformer", **common, **transformer_kwargs)
+    return DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, **common, **components)
 
 
 def condition_fingerprint(args, dtype) -> str:
@@ -840,7 +852,7 @@ class Run:
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
-        pipe = load_base_pipeline(args, self.weight_dtype)
+        pipe = load_base_pipeline(args, self.weight_dtype, adaptation_cls.transformer_load_kwargs(args, self.weight_dtype))
         from pipeline_dopsd import family_for
 
         self.family = family_for(pipe)
@@ -870,7 +882,8 @@ class Run:
 
         free_memory()
 
-        self.transformer = pipe.transformer.to(self.device)
+        # A quantized base is placed on its device when loaded and cannot be moved.
+        self.transformer = pipe.transformer if getattr(pipe.transformer, "is_quantized", False) else pipe.transformer.to(self.device)
         self.transformer.requires_grad_(False)
         if args.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
@@ -944,8 +957,17 @@ class Run:
         return make_grid([student_row, teacher_row])
 
     def validate(self, step: int):
-        """Grids under samples/ and to the trackers; returns (prompt, student image) pairs for the model card."""
+        """Grids under samples/ and to the trackers, and the student's sharpness relative to the base (same noise).
+        Returns (prompt, student image) pairs for the model card."""
+        from dopsd_metrics import few_step_quality_warning, sharpness_ratio
+
         rows = self.sample_grid()
+        ratio = sharpness_ratio([row[1] for row in rows], [row[0] for row in rows])
+        self.accelerator.log({"validation/sharpness_ratio": ratio}, step=step)
+        with open(Path(self.args.output_dir) / "validation_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "sharpness_ratio": ratio}) + "\n")
+        if warning := few_step_quality_warning(ratio, self.args.quality_warn_ratio):
+            logger.warning("step %d: %s", step, warning)
         samples = Path(self.args.output_dir) / "samples"
         samples.mkdir(exist_ok=True)
         grid = make_grid(rows)

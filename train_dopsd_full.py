@@ -76,6 +76,10 @@ class FullAdaptation:
 
     kind = "full"
 
+    @staticmethod
+    def transformer_load_kwargs(args, weight_dtype) -> dict:
+        return {}
+
     def __init__(self, args, family, transformer, accelerator, weight_dtype):
         self.args, self.family, self.accelerator = args, family, accelerator
         # Trained weights stay fp32 (mixed precision computes in bf16 under autocast); frozen copies may be smaller.

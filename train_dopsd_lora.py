@@ -36,8 +36,32 @@ def parse_args(argv=None):
     lora.add_argument("--lora_layers", default=None,
                       help="Comma-separated module-name suffixes to adapt, matched against every Linear of the "
                            "transformer (default: the family's attention and feed-forward layers).")
+    lora.add_argument("--bnb_quantization_config_path", default=None,
+                      help="JSON of a bitsandbytes config (e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"}) "
+                           "to hold the frozen base transformer in 4 or 8 bits (QLoRA; needs a CUDA GPU).")
     args = parser.parse_args(argv)
-    return args, finalize_args(args)
+    family = finalize_args(args)
+    if args.bnb_quantization_config_path is not None:
+        args.quantization_config = read_quantization_config(args.bnb_quantization_config_path)
+    return args, family
+
+
+def read_quantization_config(path) -> dict:
+    """The bitsandbytes config, checked before any model is loaded."""
+    import importlib.util
+    import json
+
+    try:
+        config = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"--bnb_quantization_config_path {path}: cannot read a JSON object ({error}).") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--bnb_quantization_config_path {path} must hold a JSON object of BitsAndBytesConfig fields.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--bnb_quantization_config_path needs bitsandbytes: pip install bitsandbytes.")
+    if not torch.cuda.is_available():
+        raise UserError("--bnb_quantization_config_path needs a CUDA GPU (bitsandbytes quantizes on the GPU).")
+    return config
 
 
 def resolve_lora_targets(transformer, suffixes: list[str]) -> list[str]:
@@ -58,8 +82,24 @@ class LoraAdaptation:
 
     kind = "lora"
 
+    @staticmethod
+    def transformer_load_kwargs(args, weight_dtype) -> dict:
+        """A quantized frozen base (QLoRA) when asked for; the teacher and the student share it."""
+        config = getattr(args, "quantization_config", None)
+        if config is None:
+            return {}
+        from diffusers import BitsAndBytesConfig
+
+        if config.get("load_in_4bit"):
+            config = {"bnb_4bit_compute_dtype": weight_dtype, **config}
+        return {"quantization_config": BitsAndBytesConfig(**config)}
+
     def __init__(self, args, family, transformer, accelerator, weight_dtype):
         self.args, self.family, self.transformer, self.accelerator = args, family, transformer, accelerator
+        if getattr(transformer, "is_quantized", False):
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
         suffixes = [s.strip() for s in args.lora_layers.split(",")] if args.lora_layers else list(family.default_lora_layers)
         self.config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  init_lora_weights="gaussian", target_modules=resolve_lora_targets(transformer, suffixes))

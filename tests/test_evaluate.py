@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 import dopsd_metrics as metrics
 import evaluate_dopsd
 
-SIZE = 64  # the tiny VAE downsamples by 2, so any multiple of 4 works; 64 keeps DINO/CLIP patches meaningful
+SIZE = 32  # the tiny VAE downsamples by 2, so any multiple of 4 works; 32 still gives DINO and CLIP 4x4 patches
 
 
 def textured_image(seed: int, size: int = SIZE) -> Image.Image:
@@ -268,7 +268,7 @@ def test_a_blurry_model_is_flagged_in_the_table():
     for column in columns:
         column.summary = evaluate_dopsd.summarize(column)
     warnings = evaluate_dopsd.quality_warnings(columns, metrics.DEFAULT_QUALITY_WARN_RATIO)
-    assert len(warnings) == 1 and warnings[0].startswith("blurry: few-step quality is slipping")
+    assert list(warnings) == ["blurry"] and warnings["blurry"].startswith("few-step quality is slipping")
     config = {"base": "base-model", "num_inference_steps": 8, "num_prompts": 1, "seeds": [0, 1]}
     table = evaluate_dopsd.markdown_table(columns, config, notes=[], warnings=warnings)
     assert "| blurry ⚠ | lora |" in table and "| base | base |" in table
@@ -295,12 +295,16 @@ def test_base_images_are_paired_across_calls(full_run, tiny_models, scorer_dirs,
 def test_full_transformer_column(tiny_models, scorer_dirs, eval_file, tmp_path):
     from diffusers import ZImageTransformer2DModel
 
+    one_prompt = tmp_path / "one.jsonl"
+    # One prompt keeps the native 8 steps cheap; an absolute reference path works too.
+    one_prompt.write_text(json.dumps({"prompt": "a photo of [V] toy", "reference_image": str(eval_file.parent / "refs" / "toy.png")}))
+
     transformer = ZImageTransformer2DModel.from_pretrained(tiny_models / "z-image", subfolder="transformer")
     with torch.no_grad():
         for parameter in transformer.parameters():
             parameter.mul_(1.05)
     transformer.save_pretrained(tmp_path / "finetune" / "transformer")
-    evaluate_dopsd.main(cli(tiny_models, scorer_dirs, eval_file, tmp_path / "out", "--seeds", "0",
+    evaluate_dopsd.main(cli(tiny_models, scorer_dirs, one_prompt, tmp_path / "out", "--seeds", "0",
                             "--transformer", f"full={tmp_path / 'finetune'}"))
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert list(report["models"]) == ["base", "full"]
@@ -348,3 +352,11 @@ def test_unknown_base_model_is_reported(tmp_path, capsys):
             "--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--eval_file", str(eval_file),
             "--output_dir", str(tmp_path / "out")]))
     assert "model_index.json" in capsys.readouterr().err
+
+
+def test_a_missing_scoring_model_fails_before_generation(tiny_models, scorer_dirs, eval_file, tmp_path, capsys):
+    argv = cli(tiny_models, scorer_dirs, eval_file, tmp_path / "out", "--clip_model", str(tmp_path / "no-clip"))
+    with pytest.raises(SystemExit):
+        evaluate_dopsd.run_main(lambda: evaluate_dopsd.main(argv))
+    assert "cannot read the config of --clip_model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

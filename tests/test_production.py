@@ -20,7 +20,7 @@ from train_dopsd_lora import parse_args
 
 def args_for(**overrides):
     base = dict(instance_data_dir=None, dataset_name=None, dataset_config_name=None, cache_dir=None, image_column="image",
-                caption_column=None, instance_prompt=None, resolution=64, aspect_ratio_buckets=dt.REFERENCE_BUCKETS,
+                caption_column=None, instance_prompt=None, dataset_streaming=False, resolution=64, aspect_ratio_buckets=dt.REFERENCE_BUCKETS,
                 skip_bad_images=False)
     return argparse.Namespace(**{**base, **overrides})
 
@@ -95,9 +95,10 @@ def test_local_imagefolder_through_datasets(tmp_path):
     for i in range(2):
         png(tmp_path / f"{i}.png", color=(i * 100, 0, 0))
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "caption": f"[V] {i}"}) for i in range(2)))
-    raw = dt.collect_raw_examples(args_for(dataset_name=str(tmp_path), caption_column="caption"))
-    assert sorted(c[0] for _, _, c in raw) == ["[V] 0", "[V] 1"]
-    assert all(isinstance(image, Image.Image) for _, image, _ in raw)
+    for streaming in (False, True):
+        raw = list(dt.collect_raw_examples(args_for(dataset_name=str(tmp_path), caption_column="caption", dataset_streaming=streaming)))
+        assert sorted(c[0] for _, _, c in raw) == ["[V] 0", "[V] 1"]
+        assert all(isinstance(image, Image.Image) for _, image, _ in raw)
 
 
 def test_bad_files_are_named_and_can_be_skipped(tmp_path, caplog):
@@ -168,8 +169,12 @@ def test_validation_does_not_change_training_and_writes_grids(tiny_models, sampl
               "--max_train_steps", 3, "--learning_rate", 1e-2, "--checkpointing_steps", 3, *FAST]
     run([*common, "--output_dir", tmp_path / "plain"])
     common = [c for c in common if c not in ("--validation_steps", "0", "--skip_final_validation")]
-    run([*common, "--output_dir", tmp_path / "validated", "--validation_steps", 1, "--num_validation_images", 1,
-         "--validation_prompt", "a photo of [V] toy", "--report_to", "tensorboard"])
+    result = run([*common, "--output_dir", tmp_path / "validated", "--validation_steps", 1, "--num_validation_images", 1,
+                  "--validation_prompt", "a photo of [V] toy", "--report_to", "tensorboard", "--quality_warn_ratio", 100])
+    # The few-step quality statistic is logged at every validation, and a (here absurd) threshold warns.
+    ratios = [json.loads(line) for line in (tmp_path / "validated" / "validation_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ratios] == [0, 1, 2, 3] and ratios[0]["sharpness_ratio"] == pytest.approx(1.0)
+    assert "few-step quality is slipping" in result.stderr
     a = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "validated" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
