@@ -44,7 +44,7 @@ HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 COLUMN_LABEL = re.compile(r"^[\w.-]+$")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     models = p.add_argument_group("models")
     models.add_argument("--pretrained_model_name_or_path", "--pretrained_model", required=True,
@@ -90,7 +90,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     runtime.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                          help="Weight dtype of the generating pipeline and the judge (default: bf16 on a GPU, no on CPU).")
     runtime.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dopsd_training import UserError, build_parser, ema_update, finalize_args, l
 EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = build_parser(__doc__.split("\n\n")[0])
     full = parser.add_argument_group("full fine-tuning")
     full.add_argument("--ema_dtype", choices=sorted(EMA_DTYPES), default="fp32",
@@ -35,7 +35,11 @@ def parse_args(argv=None):
                       help="Where the EMA teacher lives; cpu keeps it in host memory and streams it block by block "
                            "to the accelerator for its forwards (diffusers group offloading).")
     full.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard of the saved transformer.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     family = finalize_args(args)
     if args.ema_decay == 1.0 and args.method == "dopsd":
         logger.info("--ema_decay 1.0: the teacher stays the starting model")
@@ -125,15 +129,25 @@ class FullAdaptation:
     def student_velocity(self, model, x, sigma, condition):
         return self.family.velocity(model, x, sigma, condition)
 
+    def _teacher_autocast(self):
+        # The teacher copy was made before accelerate wrapped the student's forward in autocast, and may be bf16
+        # while the conditions are not: compute it under autocast of its own dtype (or accelerate's).
+        dtype = next(self.teacher.parameters()).dtype
+        if dtype != torch.float32:
+            return torch.autocast(self.accelerator.device.type, dtype=dtype)
+        return self.accelerator.autocast()
+
     @torch.no_grad()
     def teacher_velocity(self, x, sigma, condition):
-        with self.accelerator.autocast():
+        with self._teacher_autocast():
             return self.family.velocity(self.teacher, x, sigma, condition)
 
     @torch.no_grad()
     def teacher_sample(self, condition, noise, sigmas):
-        with self.accelerator.autocast():
-            return self.family.sample(self.teacher if self.teacher is not None else self.transformer, condition, noise, sigmas)
+        if self.teacher is None:
+            return self.family.sample(self.transformer, condition, noise, sigmas)
+        with self._teacher_autocast():
+            return self.family.sample(self.teacher, condition, noise, sigmas)
 
     def update_teacher(self):
         if self.teacher is None:

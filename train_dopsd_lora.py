@@ -24,7 +24,7 @@ from dopsd_training import UserError, build_parser, ema_update, finalize_args, l
 STUDENT, TEACHER = "student", "teacher"
 
 
-def parse_args(argv=None):
+def make_parser():
     parser = build_parser(__doc__.split("\n\n")[0])
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=64, help="LoRA rank.")
@@ -39,7 +39,11 @@ def parse_args(argv=None):
     lora.add_argument("--bnb_quantization_config_path", default=None,
                       help="JSON of a bitsandbytes config (e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"}) "
                            "to hold the frozen base transformer in 4 or 8 bits (QLoRA; needs a CUDA GPU).")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    args = make_parser().parse_args(argv)
     family = finalize_args(args)
     if args.bnb_quantization_config_path is not None:
         args.quantization_config = read_quantization_config(args.bnb_quantization_config_path)
