@@ -654,6 +654,13 @@ def resolve_resume(args) -> Path | None:
     return path
 
 
+def forget_after(log: Path, step: int):
+    """Drop a JSON-lines log's rows past `step`: a resumed run writes them again."""
+    if log.exists():
+        rows = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log.write_text("".join(row + "\n" for row in rows))
+
+
 def save_checkpoint(accelerator, args, step: int, training_state: dict):
     """accelerator.save_state into a temporary folder, then an atomic rename to checkpoint-N, then rotation."""
     final = Path(args.output_dir) / f"checkpoint-{step}"
@@ -789,9 +796,6 @@ def save_args(args, output_dir: Path):
     (output_dir / "args.json").write_text(json.dumps(public, indent=2, default=str))
 
 
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The training program both scripts run; `adaptation` is what differs (a LoRA teacher adapter, or an EMA weight copy).
@@ -849,6 +853,9 @@ class Run:
         set_seed(args.seed)
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
+        if self.sharded() and (args.validation_steps or not args.skip_final_validation or args.preview_teacher_only):
+            raise UserError("validation samples from the whole model on one rank, which ZeRO-3 and FSDP shard: pass "
+                            "--validation_steps 0 --skip_final_validation and evaluate the saved model with evaluate_dopsd.py.")
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
@@ -888,6 +895,15 @@ class Run:
         if args.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.adaptation = adaptation_cls(args, self.family, self.transformer, self.accelerator, self.weight_dtype)
+
+    def sharded(self) -> bool:
+        """Whether the engine shards the parameters themselves (ZeRO-3, FSDP)."""
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.DEEPSPEED:
+            return state.deepspeed_plugin.zero_stage == 3
+        return state.distributed_type == DistributedType.FSDP
 
     # -- forwards -------------------------------------------------------------------------------------------------------
     def student(self, model, condition):
@@ -1040,6 +1056,9 @@ def train(args, family_cls, adaptation_cls):
         step = state["step"]
         batches.load_state_dict(state["batches"][accelerator.process_index])
         noise_generator.set_state(torch.tensor(state["noise_generator"][accelerator.process_index], dtype=torch.uint8))
+        if accelerator.is_main_process:
+            for log in ("loss_log.jsonl", "validation_log.jsonl"):
+                forget_after(output_dir / log, step)
         logger.info("resumed from %s at step %d", resume, step)
 
     if accelerator.is_main_process:
@@ -1070,8 +1089,10 @@ def train(args, family_cls, adaptation_cls):
                     losses.append([sft_step(run.student(model, student_condition), x0, noise, sigma, accelerator.backward)])
         per_state = torch.stack([torch.stack(l) for l in losses]).mean(0)
         loss = accelerator.gather(per_state.mean()[None]).mean().item()
-        if not is_finite(loss):
-            raise RuntimeError(f"the loss is {loss} at step {step + 1}: stopping; the last good checkpoint is kept. Lower --learning_rate or use --mixed_precision bf16.")
+        if not math.isfinite(loss):
+            progress.close()
+            raise UserError(f"the loss is {loss} at step {step + 1}: training stopped, the last good checkpoint is kept; "
+                            "lower --learning_rate (or --max_grad_norm) and resume.")
         grad_norm = accelerator.clip_grad_norm_(adaptation.trainable_parameters(), args.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
@@ -1084,7 +1105,8 @@ def train(args, family_cls, adaptation_cls):
             logs["grad_norm"] = float(grad_norm)
         logs.update({f"loss_state_{k}": float(v) for k, v in enumerate(per_state)} if args.method == "dopsd" else {})
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4g}", lr=f"{logs['lr']:.2g}")
+        progress.set_postfix(loss=f"{loss:.4g}", **({"states": " ".join(f"{v:.2g}" for v in per_state.tolist())} if args.method == "dopsd" else {}),
+                             lr=f"{logs['lr']:.2g}")
         accelerator.log(logs, step=step)
         if accelerator.is_main_process:
             with open(log_file, "a") as f:
