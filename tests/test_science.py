@@ -48,7 +48,8 @@ def toy_rollout(turbo, teacher_sees_reference: bool, batch: int = 64):
     student_condition = family.collate(family.encode_student([NEW_WORD] * batch))
     if teacher_sees_reference:
         samples, _ = run_science.concept_samples(RETENTION_SEED)
-        teacher_condition = family.collate(family.encode_teacher([NEW_WORD] * batch, samples.repeat(batch // len(samples), 1)))
+        references = samples.repeat(batch // len(samples), 1)
+        teacher_condition = family.collate(family.encode_teacher([NEW_WORD] * batch, references))
     else:
         teacher_condition = student_condition
     losses = dopsd_training.dopsd_step(
@@ -120,10 +121,24 @@ def test_toy_family_and_tiny_zimage_run_through_the_same_dopsd_step(turbo, tiny_
 def test_dopsd_keeps_old_concepts_where_sft_forgets(turbo):
     samples, covered = run_science.concept_samples(RETENTION_SEED)
     assert len(covered) < 4
-    sft, dopsd = (run_science.finetune(turbo, method, samples, steps=100, seed=RETENTION_SEED, eval_steps=(100,))[-1].figures
-                  for method in (run_science.SFT, run_science.DOPSD))
+    sft, dopsd = (
+        run_science.finetune(turbo, method, samples, steps=100, seed=RETENTION_SEED, eval_steps=(100,))[-1].figures
+        for method in (run_science.SFT, run_science.DOPSD)
+    )
     # Both learn the concept, to about the same degree ...
     assert min(sft["new_sharp"], dopsd["new_sharp"]) > 0.75
     # ... but only D-OPSD keeps the old concepts' 4-step quality, and only it draws the mode its samples miss.
     assert dopsd["old_sharp"] > sft["old_sharp"] + 0.1
     assert (dopsd["new_modes"], sft["new_modes"]) == (4, 3)
+
+
+def test_the_science_section_is_rewritten_alone(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Training step\nkept\n")
+    run_science.write_section(path, f"{run_science.SECTION_START}\nfirst\n{run_science.SECTION_END}\n")
+    path.write_text(path.read_text() + "\n## Another tool\nalso kept\n")
+    run_science.write_section(path, f"{run_science.SECTION_START}\nsecond\n{run_science.SECTION_END}\n")
+    text = path.read_text()
+    assert "## Training step\nkept\n" in text and "## Another tool\nalso kept\n" in text
+    assert "second" in text and "first" not in text
+    assert text.count(run_science.SECTION_START) == 1
