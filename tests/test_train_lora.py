@@ -8,6 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import load_stock, run_script
+from dopsd_training import UserError
 
 FAST = ["--resolution", "64", "--rank", "4", "--lora_alpha", "4", "--validation_steps", "0", "--skip_final_validation",
         "--report_to", "none"]
@@ -63,8 +64,8 @@ def test_klein_end_to_end_through_accelerate(accelerate_config, tiny_models, sam
     assert abs(base - tuned).max() > 1e-5
 
 
-@pytest.mark.parametrize("method", ["dopsd", "sft"])
-def test_resume_ends_with_the_same_weights(tiny_models, sample_data, tmp_path, method):
+def test_resume_ends_with_the_same_weights(tiny_models, sample_data, tmp_path):
+    method = "dopsd"
     common = ["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data,
               "--learning_rate", 1e-2, "--ema_decay", 0.5, "--checkpointing_steps", 2, "--method", method, *FAST]
     run([*common, "--output_dir", tmp_path / "straight", "--max_train_steps", 4])
@@ -80,40 +81,53 @@ def test_resume_ends_with_the_same_weights(tiny_models, sample_data, tmp_path, m
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
 
-def _bad_input(args, tmp_path):
-    result = run(["--output_dir", tmp_path / "out", "--max_train_steps", 1, *FAST, *args], check=False)
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert lines[-1].startswith("error: "), lines[-3:]
-    assert "Traceback" not in result.stderr
-    return lines[-1]
-
-
-def test_bad_inputs_end_with_one_clear_line(tiny_models, sample_data, tmp_path):
-    model = ["--pretrained_model_name_or_path", tiny_models / "z-image"]
-    assert "does not exist" in _bad_input([*model, "--instance_data_dir", tmp_path / "missing"], tmp_path)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    assert "holds no images" in _bad_input([*model, "--instance_data_dir", empty], tmp_path)
+def test_bad_input_ends_with_one_clear_line_and_exit_status_2(tiny_models, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "fake.png").write_text("this is not an image")
     (broken / "fake.txt").write_text("a photo of [V]")
-    assert "cannot read image" in _bad_input([*model, "--instance_data_dir", broken], tmp_path)
+    result = run(["--pretrained_model_name_or_path", tiny_models / "z-image", "--instance_data_dir", broken,
+                  "--output_dir", tmp_path / "out", *FAST], check=False)
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert lines[-1].startswith("error: cannot read image") and "fake.png" in lines[-1] and "--skip_bad_images" in lines[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_are_refused_before_any_model_is_loaded(tiny_models, sample_data, tmp_path, monkeypatch):
+    import dopsd_training
+    from train_dopsd_lora import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(dopsd_training, "load_base_pipeline", no_loading)
+    model = ["--pretrained_model_name_or_path", str(tiny_models / "z-image")]
+    out = ["--output_dir", str(tmp_path / "out"), *[str(a) for a in FAST]]
+    empty = tmp_path / "empty"
+    empty.mkdir()
     unsupported = tmp_path / "sd"
     unsupported.mkdir()
     (unsupported / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    message = _bad_input(["--pretrained_model_name_or_path", unsupported, "--instance_data_dir", sample_data], tmp_path)
-    assert "StableDiffusionPipeline is not supported" in message and "Flux2KleinPipeline" in message
-    assert "multiple of 16" in _bad_input([*model, "--instance_data_dir", sample_data, "--resolution", "100"], tmp_path)
-    message = _bad_input(["--pretrained_model_name_or_path", tiny_models / "flux2-klein-base", "--instance_data_dir", sample_data], tmp_path)
-    assert "not step-distilled" in message
     small = tmp_path / "small"
     small.mkdir()
     Image.new("RGB", (48, 48)).save(small / "tiny.png")
     (small / "tiny.txt").write_text("a photo of [V]")
-    message = _bad_input(["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", small], tmp_path)
-    assert "tiny.png" in message and "64 px" in message
+    cases = [
+        ([*model, "--instance_data_dir", str(tmp_path / "missing")], "does not exist"),
+        ([*model, "--instance_data_dir", str(empty)], "holds no images"),
+        (["--pretrained_model_name_or_path", str(unsupported), "--instance_data_dir", str(sample_data)],
+         "StableDiffusionPipeline is not supported.*Flux2KleinPipeline"),
+        ([*model, "--instance_data_dir", str(sample_data), "--resolution", "100"], "multiple of 16"),
+        (["--pretrained_model_name_or_path", str(tiny_models / "flux2-klein-base"), "--instance_data_dir", str(sample_data)],
+         "not step-distilled"),
+        (["--pretrained_model_name_or_path", str(tiny_models / "flux2-klein"), "--instance_data_dir", str(small)], "tiny.png.*64 px"),
+        (["--pretrained_model_name_or_path", str(tmp_path / "nowhere"), "--instance_data_dir", str(sample_data)], "model_index.json"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(UserError, match=message):
+            main([*out, *argv])  # the case comes last, so its flags win
+    assert not (tmp_path / "out").exists()
 
 
 def test_preview_teacher_only_writes_a_grid_and_trains_nothing(tiny_models, sample_data, tmp_path):
