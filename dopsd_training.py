@@ -403,6 +403,9 @@ def crop_to_bucket(image: Image.Image, buckets) -> Image.Image:
 def load_examples(args, raw, family: type[ModelFamily]) -> list[Example]:
     """Open, check and bucket-crop every image (before heavy models are loaded, so a bad file fails fast)."""
     buckets = make_buckets(args)
+    for height, width in buckets:
+        if reason := family.check_reference_image(width, height):
+            raise UserError(f"--resolution {args.resolution} makes a {width}x{height} bucket: {reason}; raise --resolution.")
     examples = []
     for name, source, captions in raw:
         try:
@@ -619,6 +622,20 @@ def ema_update(teacher_params: list[torch.Tensor], student_params: list[torch.Te
         return
     student_params = [s.detach().to(t.dtype) for t, s in zip(teacher_params, student_params)]
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - decay)
+
+
+def make_optimizer(args, params):
+    """AdamW over the trainable parameters (bitsandbytes' 8-bit AdamW with --use_8bit_adam)."""
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    return optimizer_cls(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
 def sample_sft_sigmas(family: ModelFamily, batch: int, height: int, width: int, generator, device) -> torch.Tensor:
@@ -1040,7 +1057,7 @@ def train(args, family_cls, adaptation_cls):
     if accelerator.state.deepspeed_plugin is not None:
         # No dataloader goes through prepare(), so DeepSpeed is told the micro-batch size here.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    optimizer = adaptation.make_optimizer()
+    optimizer = make_optimizer(args, adaptation.trainable_parameters())
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(run.transformer, optimizer, lr_scheduler)

@@ -20,7 +20,6 @@ it as ``custom_pipeline`` from a Hub repo or a local path.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch

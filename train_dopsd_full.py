@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dopsd_training import UserError, build_parser, ema_update, finalize_args, logger, run_main, train
+from dopsd_training import build_parser, ema_update, finalize_args, logger, run_main, train
 
 EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -102,18 +102,6 @@ class FullAdaptation:
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def make_optimizer(self):
-        args = self.args
-        if args.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
-            optimizer_cls = bnb.optim.AdamW8bit
-        else:
-            optimizer_cls = torch.optim.AdamW
-        return optimizer_cls(self.transformer.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
     def student(self):
         return contextlib.nullcontext()

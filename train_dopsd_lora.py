@@ -137,18 +137,6 @@ class LoraAdaptation:
     def trainable_parameters(self):
         return self.student_params
 
-    def make_optimizer(self):
-        args = self.args
-        if args.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise UserError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes.") from None
-            optimizer_cls = bnb.optim.AdamW8bit
-        else:
-            optimizer_cls = torch.optim.AdamW
-        return optimizer_cls(self.student_params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
     @contextlib.contextmanager
     def student(self):
