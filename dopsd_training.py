@@ -403,9 +403,6 @@ def crop_to_bucket(image: Image.Image, buckets) -> Image.Image:
 def load_examples(args, raw, family: type[ModelFamily]) -> list[Example]:
     """Open, check and bucket-crop every image (before heavy models are loaded, so a bad file fails fast)."""
     buckets = make_buckets(args)
-    for height, width in buckets:
-        if reason := family.check_reference_image(width, height):
-            raise UserError(f"--resolution {args.resolution} makes a {width}x{height} bucket: {reason}; raise --resolution.")
     examples = []
     for name, source, captions in raw:
         try:
@@ -417,7 +414,10 @@ def load_examples(args, raw, family: type[ModelFamily]) -> list[Example]:
             continue
         if reason := family.check_reference_image(*image.size):
             raise UserError(f"{name}: {reason}; resize or remove it.")
-        examples.append(Example(name, crop_to_bucket(image, buckets), captions))
+        cropped = crop_to_bucket(image, buckets)
+        if reason := family.check_reference_image(*cropped.size):
+            raise UserError(f"{name} goes to a {cropped.size[0]}x{cropped.size[1]} bucket at --resolution {args.resolution}: {reason}; raise --resolution.")
+        examples.append(Example(name, cropped, captions))
     if not examples:
         raise UserError("no readable training images: check the data source (or --skip_bad_images skipped them all).")
     return examples
