@@ -538,36 +538,53 @@ class ConditionCache:
     def latents(self, index: int) -> torch.Tensor:
         return self._get(self.keys[("latents", index)])["latents"]
 
-    @torch.no_grad()
-    def fill(self, family: ModelFamily, examples: list[Example], method: str, extra_prompts=(), rank: int = 0, world_size: int = 1):
-        """Compute what is missing. Ranks split the work when the cache is on disk (then call `index` after a barrier)."""
-        todo = self.index(examples, method, extra_prompts)
-        for n, (what, key, prompt, example) in enumerate(todo):
-            if self._has(key) or (self.directory is not None and n % world_size != rank):
-                continue
-            if what == "student":
-                self._put(key, family.encode_student([prompt])[0])
-            elif what == "teacher":
-                self._put(key, family.encode_teacher([prompt], [example.image])[0])
-            else:
-                self._put(key, {"latents": family.encode_images(image_tensor(example.image))[0]})
+    def teacher_row(self, prompt: str) -> dict[str, torch.Tensor]:
+        return self._get(self.keys[("teacher-row", prompt)])
 
-    def index(self, examples, method, extra_prompts=()):
-        """Name every entry this run needs; returns (kind, key, prompt, example) for each."""
+    @torch.no_grad()
+    def fill(self, family: ModelFamily, examples: list[Example], method: str, rows: list[Example] = (), device="cpu",
+             rank: int = 0, world_size: int = 1):
+        """Compute what is missing, one kind at a time with only that kind's encoders on `device` (so a 4B text
+        encoder and a 4B VLM never sit on the GPU together, and nothing moves when the disk cache is complete).
+        Ranks split the work when the cache is on disk; call after every rank has indexed, then wait for all."""
+        todo = self.index(examples, method, rows)
+        for kind in ("student", "teacher", "latents"):
+            missing = [(n, entry) for n, entry in enumerate(todo) if entry[0] == kind and not self._has(entry[1])]
+            mine = [entry for n, entry in missing if self.directory is None or n % world_size == rank]
+            if not mine:
+                continue
+            encoders = family.encoders_for(kind)
+            for module in encoders:
+                module.to(device)
+            for _, key, prompt, example in mine:
+                if kind == "student":
+                    self._put(key, family.encode_student([prompt])[0])
+                elif kind == "teacher":
+                    self._put(key, family.encode_teacher([prompt], [example.image])[0])
+                else:
+                    self._put(key, {"latents": family.encode_images(image_tensor(example.image))[0]})
+            for module in encoders:
+                module.to("cpu")
+
+    def index(self, examples, method, rows=()):
+        """Name every entry this run needs; returns (kind, key, prompt, example) for each. `rows` are the validation
+        (prompt, reference image) pairs, given as examples with one caption."""
         todo = []
-        for prompt in sorted({c for e in examples for c in e.captions} | set(extra_prompts)):
+        for prompt in sorted({c for e in [*examples, *rows] for c in e.captions}):
             key = self.keys[("student", prompt)] = self._key("student", prompt)
             todo.append(("student", key, prompt, None))
         for i, example in enumerate(examples):
-            pixels = example.digest
             if method == "dopsd":
                 for caption in example.captions:
-                    key = self.keys[("teacher", i, caption)] = self._key("teacher", caption, pixels)
+                    key = self.keys[("teacher", i, caption)] = self._key("teacher", caption, example.digest)
                     todo.append(("teacher", key, caption, example))
             else:
-                key = self.keys[("latents", i)] = self._key("latents", pixels)
+                key = self.keys[("latents", i)] = self._key("latents", example.digest)
                 todo.append(("latents", key, None, example))
-        return todo
+        for row in rows if method == "dopsd" else ():
+            key = self.keys[("teacher-row", row.captions[0])] = self._key("teacher", row.captions[0], row.digest)
+            todo.append(("teacher", key, row.captions[0], row))
+        return list({entry[1]: entry for entry in todo}.values())  # an entry shared by two uses is computed once
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -885,23 +902,15 @@ class Run:
             prompt_suffix=args.teacher_prompt_suffix, needed=args.method == "dopsd",
             cache_dir=args.cache_dir,
         )
-        encoders = self.family.encoders()
-        for module in encoders:
-            module.to(self.device)
         self.rows = validation_rows(args, self.examples)
         self.conditions = ConditionCache(args.condition_cache_dir, condition_fingerprint(args, self.weight_dtype))
-        self.conditions.fill(self.family, self.examples, args.method, [p for p, _ in self.rows],
+        rows = [Example("validation", image, [prompt]) for prompt, image in self.rows]
+        self.conditions.fill(self.family, self.examples, args.method, rows, self.device,
                              self.accelerator.process_index, self.accelerator.num_processes)
         self.accelerator.wait_for_everyone()
         for example in self.examples:
             example.image = None  # conditions are cached; the validation rows keep their own references
-        self.validation_teacher = {
-            prompt: self.family.encode_teacher([prompt], [image])[0] for prompt, image in self.rows
-        } if args.method == "dopsd" else {}
-        # Conditions are cached: the encoders leave the accelerator for the rest of the run.
-        for module in encoders:
-            module.to("cpu")
-        self.family.pipe.vae.to("cpu")
+        self.validation_teacher = {prompt: self.conditions.teacher_row(prompt) for prompt, _ in self.rows} if args.method == "dopsd" else {}
         from diffusers.training_utils import free_memory
 
         free_memory()

@@ -133,9 +133,9 @@ class ModelFamily:
                       needed=True, **load_kwargs):
         """Prepare what the teacher context needs; each family reads the options that concern it."""
 
-    def encoders(self) -> list[torch.nn.Module]:
-        """The modules that compute conditions and target latents (moved off the accelerator after caching)."""
-        return [self.pipe.text_encoder, self.pipe.vae]
+    def encoders_for(self, kind: str) -> list[torch.nn.Module]:
+        """The modules that compute one kind of cached input: "student" or "teacher" conditions, or SFT "latents"."""
+        return {"student": [self.pipe.text_encoder], "teacher": [self.pipe.text_encoder, self.pipe.vae], "latents": [self.pipe.vae]}[kind]
 
     def sample(self, transformer, condition: dict, x: torch.Tensor, sigmas: torch.Tensor, attention_kwargs=None, progress=None):
         """Few-step Euler sampling from state x along sigmas; the inference loop of every family."""
@@ -183,8 +183,8 @@ class ZImageFamily(ModelFamily):
         if needed:
             self.load_teacher_encoder(vlm_name_or_path, min_pixels, max_pixels, **load_kwargs)
 
-    def encoders(self):
-        return super().encoders() + ([self.teacher_encoder.model] if self.teacher_encoder is not None else [])
+    def encoders_for(self, kind):
+        return [self.teacher_encoder.model] if kind == "teacher" else super().encoders_for(kind)
 
     def teacher_ready(self):
         if self.teacher_encoder is None:

@@ -105,26 +105,25 @@ class LoraAdaptation:
 
             prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
         suffixes = [s.strip() for s in args.lora_layers.split(",")] if args.lora_layers else list(family.default_lora_layers)
+        targets = resolve_lora_targets(transformer, suffixes)
         self.config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                 init_lora_weights="gaussian", target_modules=resolve_lora_targets(transformer, suffixes))
+                                 init_lora_weights="gaussian", target_modules=targets)
         transformer.add_adapter(self.config, adapter_name=STUDENT)
-        adapters = [STUDENT]
-        if args.method == "dopsd":
+        if args.method == "dopsd":  # SFT has no teacher
             transformer.add_adapter(self.config, adapter_name=TEACHER)
-            adapters.append(TEACHER)
         params = dict(transformer.named_parameters())
         # LoRA factors train and average in fp32 whatever the frozen base's dtype (a bf16 EMA rounds updates away).
         for name, param in params.items():
             if "lora_" in name:
                 param.data = param.data.float()
         self.student_params = [p for n, p in params.items() if f".{STUDENT}." in n]
-        self.teacher_params = [params[n.replace(f".{STUDENT}.", f".{TEACHER}.")] for n, p in params.items() if f".{STUDENT}." in n] if TEACHER in adapters else []
+        self.teacher_params = [params[n.replace(f".{STUDENT}.", f".{TEACHER}.")] for n in params if f".{STUDENT}." in n] if args.method == "dopsd" else []
         with torch.no_grad():
             for teacher, student in zip(self.teacher_params, self.student_params):
                 teacher.copy_(student)
         self._activate(STUDENT)
         logger.info("LoRA r=%d alpha=%d on %d layers; %d trainable parameters", args.rank, args.lora_alpha,
-                    len(self.config.target_modules), sum(p.numel() for p in self.student_params))
+                    len(targets), sum(p.numel() for p in self.student_params))
 
     def _activate(self, adapter: str):
         # set_adapter also flips requires_grad to the active adapter; the teacher must stay frozen regardless.

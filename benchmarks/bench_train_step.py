@@ -55,7 +55,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tools")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
 MEMORY_TARGET, TIME_TARGET, RESIDENT_TARGET = 1.15, 1.15, 1.05
 SECTION_START, SECTION_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -190,7 +190,13 @@ def default_dtype(dtype):
 
 def build_family(spec: ModelSpec, dtype):
     """The family object around a transformer on the device: the tiny saved pipeline, or random weights."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
 
     from pipeline_dopsd import Flux2KleinFamily, ZImageFamily
 
@@ -297,8 +303,8 @@ def measure(config: Config) -> dict:
                               gradient_accumulation_steps=rollout_steps if per_state else 1)
     adaptation = LoraAdaptation(args, family, transformer, accelerator, weight_dtype=dtype)
     model, optimizer = accelerator.prepare(transformer, make_optimizer(args, adaptation.trainable_parameters()))
-    student = lambda x, sigma: adaptation.student_velocity(model, x, sigma, student_condition)  # noqa: E731
-    teacher = lambda x, sigma: adaptation.teacher_velocity(x, sigma, teacher_condition)  # noqa: E731
+    student = lambda x, sigma: adaptation.student_velocity(model, x, sigma, student_condition)
+    teacher = lambda x, sigma: adaptation.teacher_velocity(x, sigma, teacher_condition)
     generator = torch.Generator(dev).manual_seed(1)
     # klein's native 4-step schedule cannot hold 8 states; the cost of a state does not depend on its sigma.
     sigmas = rollout_sigmas(family.sigmas(max(family.native_steps, rollout_steps), config.resolution, config.resolution, dev), rollout_steps)
@@ -380,10 +386,10 @@ def measure(config: Config) -> dict:
 
 def measure_resident(family_name: str, threads: int) -> dict:
     """Parameters on the training device after dopsd_training.Run has cached the conditions (the tiny models)."""
+    from make_tiny_models import build_tiny_models
+
     from dopsd_training import Run
     from train_dopsd_lora import LoraAdaptation, parse_args
-
-    from make_tiny_models import build_tiny_models
 
     torch.set_num_threads(threads)
     tiny = build_tiny_models(TINY_MODELS)
@@ -433,7 +439,7 @@ def run_isolated(payload: dict) -> dict:
         # allocator's fragmentation rather than live tensors; a fixed 64 KiB threshold hands freed activations back.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     result = subprocess.run([sys.executable, __file__, "--one-config", json.dumps(payload)], capture_output=True, text=True,
-                            env=env, cwd=REPO_ROOT)
+                            env=env, cwd=REPO_ROOT, check=False)
     if result.returncode != 0:
         tail = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return {**payload, "error": tail[-1][:200] if tail else f"exit {result.returncode}"}
@@ -495,8 +501,9 @@ def fmt(value, scale=1.0, digits=3):
 
 def table(rows: list[dict]) -> list[str]:
     memory = "peak MB" if torch.cuda.is_available() else "peak RSS MB"
-    lines = [f"| model | px | method | steps | ckpt | iteration s | rollout s | update s | student f+b s | teacher f s "
-             f"| teacher switch ms | floor s | time/floor | {memory} | above setup MB | load |", "|" + "---|" * 16]
+    header = (f"| model | px | method | steps | ckpt | iteration s | rollout s | update s | student f+b s | teacher f s "
+              f"| teacher switch ms | floor s | time/floor | {memory} | above setup MB | load |")
+    lines = [header, "|" + "---|" * 16]
     for r in rows:
         method = r["method"] + (" (one backward)" if r.get("backward") == "once" else "")
         head = f"| {r['model']} | {r['resolution']} | {method} | {r['rollout_steps']} | {'on' if r['gradient_checkpointing'] else 'off'} |"
@@ -618,9 +625,9 @@ def main(argv=None):
     block = "\n".join([
         f"### {args.size} models",
         "",
-        f"`{command.strip()}`: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {time.time() - started:.0f} s.",
-        f"Machine: {machine()}; {args.threads} torch threads; load average (1 min) after each configuration in the last column. "
-        f"Times: median of {args.repeats} after {WARMUP_ITERATIONS} warm-up. Memory: {memory}.",
+        f"`{command.strip()}`: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {time.time() - started:.0f} s.",
+        (f"Machine: {machine()}; torch threads: {args.threads}; load average (1 min) after each configuration in the last column. "
+         f"Times: median of {args.repeats} after {WARMUP_ITERATIONS} warm-up. Memory: {memory}."),
         "",
         *table(rows),
         "",

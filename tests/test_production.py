@@ -201,7 +201,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_models,
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
 
-def test_latest_ignores_a_half_written_checkpoint_and_rotation_keeps_the_newest(tmp_path):
+def test_latest_ignores_a_half_written_checkpoint(tmp_path):
     for step in (2, 4):
         (tmp_path / f"checkpoint-{step}").mkdir()
         (tmp_path / f"checkpoint-{step}" / "training_state.json").write_text("{}")
@@ -285,3 +285,22 @@ def test_zimage_comfyui_keys_round_trip(zimage, tiny_models, tmp_path):
     fresh = load_stock(tiny_models / "z-image")
     fresh.load_lora_weights(str(tmp_path / "lora.safetensors"))
     assert np.abs(fresh(generator=torch.Generator().manual_seed(0), **kwargs).images - trained).max() <= 1e-5
+
+
+def test_low_vram_options_explain_what_they_need(tiny_models, sample_data, tmp_path):
+    import importlib.util
+
+    common = ["--pretrained_model_name_or_path", str(tiny_models / "z-image"), "--instance_data_dir", str(sample_data),
+              "--output_dir", str(tmp_path / "out")]
+    bad_json = tmp_path / "bnb.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(dt.UserError, match="cannot read a JSON object"):
+        parse_args([*common, "--bnb_quantization_config_path", str(bad_json)])
+    if importlib.util.find_spec("bitsandbytes") is None:
+        good_json = tmp_path / "nf4.json"
+        good_json.write_text(json.dumps({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}))
+        with pytest.raises(dt.UserError, match="needs bitsandbytes"):
+            parse_args([*common, "--bnb_quantization_config_path", str(good_json)])
+        args, _ = parse_args([*common, "--use_8bit_adam"])
+        with pytest.raises(dt.UserError, match="needs bitsandbytes"):
+            dt.make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])

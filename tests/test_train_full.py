@@ -57,8 +57,8 @@ def test_full_fine_tuning_end_to_end(data, tmp_path, tiny_models):
 
 def test_resume_equals_an_uninterrupted_run(data, tmp_path):
     run(klein_args(data, tmp_path / "straight", "--max_train_steps", 4, "--checkpointing_steps", 2))
-    run(klein_args(data, tmp_path / "resumed", "--max_train_steps", 2, "--checkpointing_steps", 2))
-    run(klein_args(data, tmp_path / "resumed", "--max_train_steps", 4, "--checkpointing_steps", 2, "--resume_from_checkpoint", "latest"))
+    run(klein_args(data, tmp_path / "resumed", "--max_train_steps", 4, "--checkpointing_steps", 2,
+                   "--resume_from_checkpoint", tmp_path / "straight" / "checkpoint-2"))
     for name in ("model.safetensors", "teacher/diffusion_pytorch_model.safetensors"):
         a = load_file(tmp_path / "straight" / "checkpoint-4" / name)
         b = load_file(tmp_path / "resumed" / "checkpoint-4" / name)

@@ -1,6 +1,7 @@
 """train_dopsd_lora.py end to end: accelerate launch, outputs, stock loading, resume, and answers to bad input."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -65,20 +66,29 @@ def test_klein_end_to_end_through_accelerate(accelerate_config, tiny_models, sam
 
 
 def test_resume_ends_with_the_same_weights(tiny_models, sample_data, tmp_path):
-    method = "dopsd"
     common = ["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data,
-              "--learning_rate", 1e-2, "--ema_decay", 0.5, "--checkpointing_steps", 2, "--method", method, *FAST]
-    run([*common, "--output_dir", tmp_path / "straight", "--max_train_steps", 4])
-    run([*common, "--output_dir", tmp_path / "resumed", "--max_train_steps", 3])  # dies after checkpoint-2, say
-    run([*common, "--output_dir", tmp_path / "resumed", "--max_train_steps", 4, "--resume_from_checkpoint", "latest"])
-    for name in ["pytorch_lora_weights.safetensors"] + (["teacher_lora_weights.safetensors"] if method == "dopsd" else []):
+              "--learning_rate", 1e-2, "--ema_decay", 0.5, "--checkpointing_steps", 2, "--max_train_steps", 4, *FAST]
+    run([*common, "--output_dir", tmp_path / "straight"])
+    # A run interrupted after checkpoint-2 (its folder holds only that), continued by a fresh process with `latest`.
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run([*common, "--output_dir", tmp_path / "resumed", "--resume_from_checkpoint", "latest"])
+    for name in ["pytorch_lora_weights.safetensors", "teacher_lora_weights.safetensors"]:
         straight = load_file(tmp_path / "straight" / "checkpoint-4" / name)
         resumed = load_file(tmp_path / "resumed" / "checkpoint-4" / name)
         assert straight.keys() == resumed.keys()
         for key in straight:
             assert torch.equal(straight[key], resumed[key]), (name, key)
     log = (tmp_path / "resumed" / "loss_log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in log] == [3, 4]
+
+
+def test_a_resumed_run_rewrites_the_steps_after_its_checkpoint(tmp_path):
+    from dopsd_training import forget_after
+
+    log = tmp_path / "loss_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))
+    forget_after(log, 4)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_bad_input_ends_with_one_clear_line_and_exit_status_2(tiny_models, tmp_path):
