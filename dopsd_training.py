@@ -657,7 +657,7 @@ def make_optimizer(args, params):
 
 def sample_sft_sigmas(family: ModelFamily, batch: int, height: int, width: int, generator, device) -> torch.Tensor:
     """Continuous noise levels for SFT, distributed like the family's inference schedule at this resolution."""
-    grid = family.sigmas(1000, height, width, device)[:-1]
+    grid = family.schedule(1000, height, width, device)[:-1]
     u = torch.rand(batch, generator=generator, device=generator.device).to(device)
     return grid[(u * (len(grid) - 1)).round().long()]
 
@@ -1104,7 +1104,7 @@ def train(args, family_cls, adaptation_cls):
             noise = family.initial_noise(len(indices), height, width, noise_generator, run.device)
             if args.method == "dopsd":
                 teacher_condition = family.collate([run.conditions.teacher(i, caption_of(e, column)) for i, e in zip(indices, examples)], run.device)
-                sigmas = rollout_sigmas(family.sigmas(args.num_inference_steps, height, width, run.device), args.rollout_steps)
+                sigmas = rollout_sigmas(family.schedule(args.num_inference_steps, height, width, run.device), args.rollout_steps)
                 with adaptation.student():
                     losses.append(dopsd_step(run.student(model, student_condition), run.teacher(teacher_condition), noise, sigmas,
                                              args.loss_space, accelerator.backward, lambda: accelerator.accumulate(model)))

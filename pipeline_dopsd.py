@@ -104,7 +104,16 @@ class ModelFamily:
         raise NotImplementedError
 
     def sigmas(self, num_inference_steps: int, height: int, width: int, device=None) -> torch.Tensor:
+        """The N + 1 sigmas (ending at 0) the stock pipeline samples with at this size."""
         raise NotImplementedError
+
+    def schedule(self, num_inference_steps: int, height: int, width: int, device=None) -> torch.Tensor:
+        """`sigmas`, remembered per size: training asks for the same schedule at every step."""
+        schedules = self.__dict__.setdefault("_schedules", {})
+        key = (num_inference_steps, height, width, str(device))
+        if key not in schedules:
+            schedules[key] = self.sigmas(num_inference_steps, height, width, device)
+        return schedules[key]
 
     def velocity(self, transformer, x: torch.Tensor, sigma: torch.Tensor, condition: dict, attention_kwargs=None):
         raise NotImplementedError
