@@ -955,8 +955,9 @@ class Run:
             sigmas = family.sigmas(args.num_inference_steps, height, width, self.device)
             student_condition = family.collate([self.conditions.student(prompt)], self.device)
             for r in range(args.num_validation_images):
-                noise = family.initial_noise(1, height, width, validation_generator(prompt, r, args.seed)).to(self.device)
-                base_file = base_dir / f"{validation_generator(prompt, r, args.seed).initial_seed()}-{width}x{height}.png"
+                generator = validation_generator(prompt, r, args.seed)
+                base_file = base_dir / f"{generator.initial_seed()}-{width}x{height}.png"
+                noise = family.initial_noise(1, height, width, generator).to(self.device)
                 if base_file.exists():
                     base = Image.open(base_file).convert("RGB")
                 else:
