@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dopsd_training import build_parser, ema_update, finalize_args, logger, run_main, train
+from pipeline_dopsd import weights_dtype
 
 EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -89,9 +90,11 @@ class FullAdaptation:
         # Trained weights stay fp32 (mixed precision computes in bf16 under autocast); frozen copies may be smaller.
         self.transformer = transformer.to(torch.float32).requires_grad_(True)
         self.model = transformer  # the prepared (possibly wrapped or sharded) model, once accelerate has it
+        self.student_dtype = torch.float32  # asked once (see use_prepared): the rollout needs it at every state
         self.teacher = None
         if args.method == "dopsd":
             self.teacher = copy.deepcopy(transformer).to(EMA_DTYPES[args.ema_dtype]).requires_grad_(False).eval()
+            self.teacher_dtype = weights_dtype(self.teacher)
             if args.ema_device == "cpu":
                 self.teacher.to("cpu")
                 self.teacher.enable_group_offload(onload_device=accelerator.device, offload_device=torch.device("cpu"),
@@ -102,7 +105,6 @@ class FullAdaptation:
     def trainable_parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
-
     def student(self):
         return contextlib.nullcontext()
 
@@ -112,23 +114,23 @@ class FullAdaptation:
 
     def use_prepared(self, model):
         self.model = model
+        self.student_dtype = weights_dtype(model)  # an engine may have cast the weights (DeepSpeed's bf16 mode does)
         self.register_checkpoint_hooks()
 
     def student_velocity(self, model, x, sigma, condition):
-        return self.family.velocity(model, x, sigma, condition)
+        return self.family.velocity(model, x, sigma, condition, dtype=self.student_dtype)
 
     def _teacher_autocast(self):
         # The teacher copy was made before accelerate wrapped the student's forward in autocast, and may be bf16
         # while the conditions are not: compute it under autocast of its own dtype (or accelerate's).
-        dtype = next(self.teacher.parameters()).dtype
-        if dtype != torch.float32:
-            return torch.autocast(self.accelerator.device.type, dtype=dtype)
+        if self.teacher_dtype != torch.float32:
+            return torch.autocast(self.accelerator.device.type, dtype=self.teacher_dtype)
         return self.accelerator.autocast()
 
     @torch.no_grad()
     def teacher_velocity(self, x, sigma, condition):
         with self._teacher_autocast():
-            return self.family.velocity(self.teacher, x, sigma, condition)
+            return self.family.velocity(self.teacher, x, sigma, condition, dtype=self.teacher_dtype)
 
     @torch.no_grad()
     def teacher_sample(self, condition, noise, sigmas):

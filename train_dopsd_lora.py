@@ -16,10 +16,12 @@ import contextlib
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
 from dopsd_training import UserError, build_parser, ema_update, finalize_args, logger, run_main, train
+from pipeline_dopsd import weights_dtype
 
 STUDENT, TEACHER = "student", "teacher"
 
@@ -121,13 +123,23 @@ class LoraAdaptation:
         with torch.no_grad():
             for teacher, student in zip(self.teacher_params, self.student_params):
                 teacher.copy_(student)
+        self.lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        self.dtype = weights_dtype(transformer)  # asked once (see use_prepared): the rollout needs it twice per state
         self._activate(STUDENT)
+        self._freeze_teacher()
         logger.info("LoRA r=%d alpha=%d on %d layers; %d trainable parameters", args.rank, args.lora_alpha,
                     len(targets), sum(p.numel() for p in self.student_params))
 
     def _activate(self, adapter: str):
-        # set_adapter also flips requires_grad to the active adapter; the teacher must stay frozen regardless.
-        self.transformer.set_adapter(adapter)
+        # Switching happens twice per rollout state. peft's set_adapter walks every module of the transformer and resets
+        # requires_grad on every adapter parameter (tens of milliseconds per state on a 6B model, longer than a 512 px
+        # forward on a fast GPU); here only the active name of the LoRA layers changes, the attribute that
+        # BaseTunerLayer.set_adapter itself sets, and requires_grad stays as _freeze_teacher left it.
+        for layer in self.lora_layers:
+            layer._active_adapter = [adapter]
+
+    def _freeze_teacher(self):
+        """The student trains and the teacher never does, whichever adapter peft last enabled."""
         for p in self.student_params:
             p.requires_grad_(True)
         for p in self.teacher_params:
@@ -135,7 +147,6 @@ class LoraAdaptation:
 
     def trainable_parameters(self):
         return self.student_params
-
 
     @contextlib.contextmanager
     def student(self):
@@ -150,15 +161,16 @@ class LoraAdaptation:
         finally:
             self.transformer.enable_adapters()
             self._activate(STUDENT)
+            self._freeze_teacher()
 
     def student_velocity(self, model, x, sigma, condition):
-        return self.family.velocity(model, x, sigma, condition)
+        return self.family.velocity(model, x, sigma, condition, dtype=self.dtype)
 
     @torch.no_grad()
     def teacher_velocity(self, x, sigma, condition):
         self._activate(TEACHER)
         try:
-            return self.family.velocity(self.transformer, x, sigma, condition)
+            return self.family.velocity(self.transformer, x, sigma, condition, dtype=self.dtype)
         finally:
             self._activate(STUDENT)
 
@@ -193,6 +205,7 @@ class LoraAdaptation:
             raise UserError(f"checkpoint {directory} does not match this LoRA configuration (unexpected {incompatible.unexpected_keys[0]}).")
 
     def use_prepared(self, model):
+        self.dtype = weights_dtype(model)  # an engine may have cast the weights (DeepSpeed's bf16 mode does)
         self.register_checkpoint_hooks()
 
     def register_checkpoint_hooks(self):
@@ -219,6 +232,7 @@ class LoraAdaptation:
             if self.teacher_params:
                 self._load_adapter(input_dir, TEACHER, "teacher_lora_weights.safetensors")
             self._activate(STUDENT)
+            self._freeze_teacher()
 
         self.accelerator.register_save_state_pre_hook(save_hook)
         self.accelerator.register_load_state_pre_hook(load_hook)

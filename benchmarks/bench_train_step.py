@@ -19,8 +19,12 @@ Targets (each a ratio within one run on one machine):
   * time: a dopsd iteration <= 1.15 x rollout_steps x (student forward+backward + teacher forward), both measured in the
     same process at one rollout state;
   * residency: in the training loop, parameters on the training device <= 1.05 x the transformer's own (adapters
-    included), measured through dopsd_training.Run on the tiny models (CUDA only: on a CPU run the encoders' parking place
-    is the training device, so there is nothing to measure).
+    included), measured through dopsd_training.Run on the tiny models (on a CPU, where device and host are one, every
+    parameter alive in the process is counted, with validation off).
+
+Every run also times, at the real architectures built on the meta device (so on any machine), the host work the training
+code does per rollout state outside the forwards (adapter switching, the transformer's dtype), beside what peft's
+set_adapter and diffusers' `.dtype` would cost there.
 
 Peak memory is torch.cuda.max_memory_allocated on a GPU. On a CPU it is the kernel's peak resident set size (VmHWM,
 reset through /proc/self/clear_refs after the warm-up) minus the resident set after setup, so it counts gradients,
@@ -188,8 +192,8 @@ def default_dtype(dtype):
         torch.set_default_dtype(previous)
 
 
-def build_family(spec: ModelSpec, dtype):
-    """The family object around a transformer on the device: the tiny saved pipeline, or random weights."""
+def build_family(spec: ModelSpec, dtype, on: torch.device | None = None):
+    """The family object around a transformer on the device (or `on`): the tiny saved pipeline, or random weights."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         Flux2KleinPipeline,
@@ -211,7 +215,7 @@ def build_family(spec: ModelSpec, dtype):
     else:
         transformer_cls = ZImageTransformer2DModel if spec.family == "zimage" else Flux2Transformer2DModel
         # Built directly on the device in the training dtype: a 9B model never exists in fp32 or on the host.
-        with torch.device(device()), default_dtype(dtype):
+        with torch.device(on or device()), default_dtype(dtype):
             transformer = transformer_cls(**spec.config)
         # The schedulers of the real scheduler_config.json files; with vae=None the pipelines assume the real VAE's
         # 8x downsampling, so token counts are the real ones.
@@ -279,7 +283,7 @@ def measure(config: Config) -> dict:
     from accelerate import Accelerator
 
     from dopsd_training import distillation_loss, dopsd_step, make_optimizer, rollout_sigmas, sample_sft_sigmas, sft_step
-    from train_dopsd_lora import TEACHER, LoraAdaptation
+    from train_dopsd_lora import STUDENT, TEACHER, LoraAdaptation
 
     torch.set_num_threads(config.threads)
     spec, dev = config.spec, device()
@@ -287,9 +291,7 @@ def measure(config: Config) -> dict:
     torch.manual_seed(0)
     family = build_family(spec, dtype)
     student_condition, teacher_condition, x0 = make_conditions(family, spec, config.resolution, dtype)
-    for module in family.encoders():  # conditions are made: as in Run, only the transformer stays on the device
-        if module is not None:
-            module.to("cpu")
+    family.drop_encoders(keep_vae=False)  # conditions are made: as in Run without validation, only the transformer stays
     transformer = family.transformer.to(dev)
     transformer.requires_grad_(False)
     if config.gradient_checkpointing:
@@ -303,6 +305,7 @@ def measure(config: Config) -> dict:
                               gradient_accumulation_steps=rollout_steps if per_state else 1)
     adaptation = LoraAdaptation(args, family, transformer, accelerator, weight_dtype=dtype)
     model, optimizer = accelerator.prepare(transformer, make_optimizer(args, adaptation.trainable_parameters()))
+    adaptation.use_prepared(model)
     student = lambda x, sigma: adaptation.student_velocity(model, x, sigma, student_condition)
     teacher = lambda x, sigma: adaptation.teacher_velocity(x, sigma, teacher_condition)
     generator = torch.Generator(dev).manual_seed(1)
@@ -341,11 +344,10 @@ def measure(config: Config) -> dict:
             (distillation_loss(x, sigma, student(x, sigma), target, "x0") / rollout_steps).backward()
 
     def bare_teacher_forward_time():
-        transformer.set_adapter(TEACHER)
+        adaptation._activate(TEACHER)  # outside the timing: the training code's switch is what teacher_switched_f adds
         with torch.no_grad():
-            seconds = timed(lambda: family.velocity(transformer, x, sigma, teacher_condition))
-        with adaptation.student():
-            pass  # back to the student adapter, with the teacher frozen
+            seconds = timed(lambda: family.velocity(transformer, x, sigma, teacher_condition, dtype=adaptation.dtype))
+        adaptation._activate(STUDENT)
         return seconds
 
     times = {"rollout": [], "update": [], "student_fb": [], "teacher_f": [], "teacher_switched_f": []}
@@ -385,29 +387,87 @@ def measure(config: Config) -> dict:
 
 
 def measure_resident(family_name: str, threads: int) -> dict:
-    """Parameters on the training device after dopsd_training.Run has cached the conditions (the tiny models)."""
+    """Parameters held in the training loop, once dopsd_training.Run has cached the conditions (the tiny models).
+
+    On a GPU: every parameter alive on the training device, with validation on (the VAE waits on the host between
+    validations). On a CPU that device is also the host, so the count is stricter: every parameter alive in the process,
+    with validation off (nothing will decode, so the VAE is dropped with the encoders).
+    """
     from make_tiny_models import build_tiny_models
 
     from dopsd_training import Run
     from train_dopsd_lora import LoraAdaptation, parse_args
 
     torch.set_num_threads(threads)
+    cuda = torch.cuda.is_available()
     tiny = build_tiny_models(TINY_MODELS)
     model = tiny / ("z-image" if family_name == "zimage" else "flux2-klein")
     with tempfile.TemporaryDirectory() as output_dir:
         argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(REPO_ROOT / "examples" / "tiny_concept"),
                 "--output_dir", output_dir, "--resolution", "64", "--rank", "8", "--lora_alpha", "8", "--report_to", "none",
-                "--mixed_precision", "bf16" if torch.cuda.is_available() else "no"]
+                "--mixed_precision", "bf16" if cuda else "no"]
+        argv += [] if cuda else ["--validation_steps", "0", "--skip_final_validation"]
         if family_name == "zimage":
             argv += ["--teacher_vlm_name_or_path", str(tiny / "qwen3-vl-teacher"), "--teacher_min_pixels", "1024", "--teacher_max_pixels", "4096"]
         args, family_cls = parse_args(argv)
         run = Run(args, family_cls, LoraAdaptation)
-        modules = [m for m in run.family.pipe.components.values() if isinstance(m, torch.nn.Module)] + run.family.encoders()
-        params = {id(p): p for m in modules for p in m.parameters()}
-        resident = sum(p.numel() for p in params.values() if p.device == run.device)
+        gc.collect()
+        alive = {p.data_ptr(): p.numel() for p in gc.get_objects()
+                 if isinstance(p, torch.nn.Parameter) and (not cuda or p.device == run.device)}
         own = sum(p.numel() for p in run.transformer.parameters())
-    return {"kind": "resident", "family": family_name, "resident_params": resident, "transformer_params": own,
-            "device": str(run.device)}
+    return {"kind": "resident", "family": family_name, "resident_params": sum(alive.values()), "transformer_params": own,
+            "where": f"on {run.device}, validation on" if cuda else "alive in the process, validation off"}
+
+
+def measure_host_overhead(threads: int) -> list[dict]:
+    """Host time the training code spends per rollout state outside the forwards, at the real architectures.
+
+    The transformers are built on PyTorch's meta device (no memory, no weights) with the two rank-64 adapters of
+    LoraAdaptation. Per state the code switches to the teacher and back; peft's own switch, and diffusers' `.dtype`
+    (which the families need per forward and LoraAdaptation now asks once), are timed beside it. This is host work a
+    GPU cannot hide when it is as long as a forward.
+    """
+    from pipeline_dopsd import weights_dtype
+    from train_dopsd_lora import STUDENT, TEACHER, LoraAdaptation
+
+    torch.set_num_threads(threads)
+
+    def per_call_ms(fn, calls=20):
+        fn()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls * 1000
+
+    rows = []
+    for spec in (s for s in SPECS if s.size == "real"):
+        family = build_family(spec, torch.bfloat16, on=torch.device("meta"))
+        transformer = family.transformer.requires_grad_(False)
+        with torch.device("meta"):  # the adapters too
+            adaptation = LoraAdaptation(lora_args(spec, "dopsd"), family, transformer, None, torch.bfloat16)
+
+        def peft_switch(adapter):
+            transformer.set_adapter(adapter)
+            adaptation._freeze_teacher()  # peft's set_adapter leaves the active adapter trainable
+
+        rows.append({
+            "model": spec.name, "lora_layers": len(adaptation.lora_layers),
+            "lora_params": sum(p.numel() for p in adaptation.student_params),
+            "switch_ms": per_call_ms(lambda: (adaptation._activate(TEACHER), adaptation._activate(STUDENT))),
+            "peft_switch_ms": per_call_ms(lambda: (peft_switch(TEACHER), peft_switch(STUDENT))),
+            "dtype_ms": per_call_ms(lambda: weights_dtype(transformer)),
+        })
+        adaptation._activate(STUDENT)
+    return rows
+
+
+def host_overhead_table(rows: list[dict]) -> list[str]:
+    lines = ["| model (meta device) | LoRA layers | LoRA parameters per adapter | switch there and back ms | "
+             "the same with peft's set_adapter ms | one `.dtype` ms |", "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['lora_layers']} | {r['lora_params'] / 1e6:.1f} M | {r['switch_ms']:.2f} "
+                     f"| {r['peft_switch_ms']:.1f} | {r['dtype_ms']:.1f} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -431,7 +491,7 @@ def configurations(args) -> list[Config]:
     return configs
 
 
-def run_isolated(payload: dict) -> dict:
+def run_isolated(payload: dict) -> dict | list:
     """Run one measurement in a fresh Python process; a failure (e.g. out of memory) becomes an error row."""
     env = {**os.environ, "OMP_NUM_THREADS": str(payload["threads"])}
     if not torch.cuda.is_available():
@@ -488,10 +548,8 @@ def summarise(rows: list[dict], rollout_steps: list[int], residents: list[dict])
             lines.append(f"- resident parameters, tiny {r['family']} through Run: error {r['error']}")
         else:
             ratio = r["resident_params"] / r["transformer_params"]
-            lines.append(f"- resident parameters on {r['device']} / transformer's own, tiny {r['family']} through Run: "
-                         + ratio_verdict(ratio, RESIDENT_TARGET))
-    if not residents:
-        lines.append("- resident parameters: n/a on a CPU run (the training device is where the encoders are parked)")
+            lines.append(f"- resident parameters ({r['where']}) / transformer's own with its adapters, tiny {r['family']} "
+                         f"through Run: {r['resident_params']:,} / {r['transformer_params']:,} = " + ratio_verdict(ratio, RESIDENT_TARGET))
     return lines
 
 
@@ -598,6 +656,8 @@ def main(argv=None):
         payload = json.loads(args.one_config)
         if payload.get("kind") == "resident":
             print(json.dumps(measure_resident(payload["family"], payload["threads"])))
+        elif payload.get("kind") == "host_overhead":
+            print(json.dumps(measure_host_overhead(payload["threads"])))
         else:
             print(json.dumps(measure(Config(**payload))))
         return
@@ -612,11 +672,19 @@ def main(argv=None):
         row = run_isolated(asdict(config))
         rows.append(row)
         print(table([row])[-1], flush=True)
-    residents = []
-    if torch.cuda.is_available():
-        families = ["zimage", "klein"] if args.family == "both" else [args.family]
-        residents = [run_isolated({"kind": "resident", "family": f, "threads": args.threads}) for f in families]
+    families = ["zimage", "klein"] if args.family == "both" else [args.family]
+    residents = [run_isolated({"kind": "resident", "family": f, "threads": args.threads}) for f in families]
     verdicts = summarise(rows, args.rollout_steps, residents)
+    host = run_isolated({"kind": "host_overhead", "threads": args.threads})
+    host_lines = [f"Host work per rollout state, error: {host['error']}"] if isinstance(host, dict) else [
+        "Host work per rollout state at the real architectures, outside the forwards (built on the meta device, two rank-64 "
+        "adapters; timed on this machine's CPU): the training code switches to the teacher and back once per state, and "
+        "each forward needs the transformer's dtype, which diffusers' `.dtype` finds by walking every submodule and "
+        "LoraAdaptation asks once per run. Per state that is 2 x `.dtype` (4 for klein, which asks twice per forward) "
+        "plus peft's switch without these measures, against the switch alone with them.",
+        "",
+        *host_overhead_table(host),
+    ]
     memory = ("torch.cuda.max_memory_allocated (weights included), which the target compares, and its growth above the "
               "allocation after setup" if torch.cuda.is_available() else
               "peak RSS (VmHWM, reset after the warm-up) and its growth above the RSS after setup, which the target compares: "
@@ -634,9 +702,11 @@ def main(argv=None):
         "Targets:",
         "",
         *verdicts,
+        "",
+        *host_lines,
     ])
     write_block(args.output, args.size, block)
-    print("\n".join(verdicts))
+    print("\n".join(verdicts + [""] + host_lines))
     print(f"wrote {args.output}")
 
 

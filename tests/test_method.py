@@ -222,6 +222,45 @@ def test_ema_arithmetic():
     torch.testing.assert_close(shadow[0], torch.tensor([1 - 0.9999**100]), rtol=1e-5, atol=0)
 
 
+def test_adapter_switching_runs_the_adapter_peft_would(klein):
+    """LoraAdaptation switches adapters without peft's set_adapter (too slow per state): each role must still run
+    exactly its own adapter, and only the student may ever require gradients."""
+    from train_dopsd_lora import STUDENT, TEACHER
+
+    family, adaptation = _lora_setup(klein, Flux2KleinFamily)
+    with torch.no_grad():  # a teacher different from the student
+        for p in adaptation.teacher_params:
+            p.add_(torch.randn_like(p) * 0.05)
+    condition = family.collate(family.encode_student(PROMPTS[:1]), "cpu")
+    x, sigma = _noise(family), torch.tensor(0.75)
+    transformer = adaptation.transformer
+
+    def by_peft(adapter):
+        transformer.set_adapter(adapter)
+        with torch.no_grad():
+            return family.velocity(transformer, x, sigma, condition)
+
+    expected = {role: by_peft(role) for role in (STUDENT, TEACHER)}
+    assert not torch.equal(expected[STUDENT], expected[TEACHER])
+    adaptation._activate(STUDENT)  # peft left the teacher active: start from the training state
+    adaptation._freeze_teacher()
+    for _ in range(2):  # there and back twice
+        with adaptation.student(), torch.no_grad():
+            torch.testing.assert_close(adaptation.student_velocity(transformer, x, sigma, condition), expected[STUDENT], rtol=0, atol=0)
+        torch.testing.assert_close(adaptation.teacher_velocity(x, sigma, condition), expected[TEACHER], rtol=0, atol=0)
+    with adaptation.base(), torch.no_grad():
+        base = family.velocity(transformer, x, sigma, condition)
+    assert not torch.equal(base, expected[STUDENT])
+    assert all(p.requires_grad for p in adaptation.student_params)
+    assert not any(p.requires_grad for p in adaptation.teacher_params)
+    with adaptation.student():
+        student = adaptation.student_velocity(transformer, x, sigma, condition)
+    torch.testing.assert_close(student, expected[STUDENT], rtol=0, atol=0)  # and after base() too
+    student.square().mean().backward()
+    assert all(p.grad is not None for p in adaptation.student_params)
+    assert all(p.grad is None for p in adaptation.teacher_params)
+
+
 def test_lora_teacher_ema_follows_the_student(zimage):
     family, adaptation = _lora_setup(zimage, ZImageFamily, ema_decay=0.9)
     before = [t.detach().clone() for t in adaptation.teacher_params]

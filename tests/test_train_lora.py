@@ -147,3 +147,36 @@ def test_preview_teacher_only_writes_a_grid_and_trains_nothing(tiny_models, samp
     grid = Image.open(out / "teacher_preview.png")
     assert grid.size == (2 * 64, 4 * 64)  # student | teacher, one row per training image
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize("validation", [False, True])
+def test_encoders_are_freed_once_the_conditions_are_cached(tiny_models, sample_data, tmp_path, monkeypatch, validation):
+    """After caching, training holds the transformer and nothing that only computed the cached inputs: the text
+    encoder and the Qwen3-VL teacher are gone from device and host memory, the VAE too unless validation decodes."""
+    import gc
+    import weakref
+
+    import pipeline_dopsd
+    from dopsd_training import Run
+    from train_dopsd_lora import LoraAdaptation, parse_args
+
+    dropped = {}
+    drop = pipeline_dopsd.ZImageFamily.drop_encoders
+
+    def remember_and_drop(family, keep_vae):
+        modules = {"text_encoder": family.pipe.text_encoder, "teacher": family.teacher_encoder.model, "vae": family.pipe.vae}
+        dropped.update({name: weakref.ref(module) for name, module in modules.items()})
+        drop(family, keep_vae)
+
+    monkeypatch.setattr(pipeline_dopsd.ZImageFamily, "drop_encoders", remember_and_drop)
+    fast = [a for a in FAST if a not in ("--validation_steps", "0", "--skip_final_validation")]
+    args, family_cls = parse_args([
+        "--pretrained_model_name_or_path", str(tiny_models / "z-image"), "--instance_data_dir", str(sample_data),
+        "--output_dir", str(tmp_path / "out"), "--teacher_vlm_name_or_path", str(tiny_models / "qwen3-vl-teacher"),
+        "--teacher_min_pixels", "1024", "--teacher_max_pixels", "4096", *fast,
+        *(["--validation_steps", "5"] if validation else ["--validation_steps", "0", "--skip_final_validation"])])
+    run = Run(args, family_cls, LoraAdaptation)
+    gc.collect()
+    assert dropped["text_encoder"]() is None and dropped["teacher"]() is None
+    assert (dropped["vae"]() is run.family.pipe.vae) if validation else (dropped["vae"]() is None)
+    assert run.conditions.student(run.examples[0].captions[0])["caption"].shape[-1] > 0  # what they computed stays

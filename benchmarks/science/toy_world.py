@@ -161,7 +161,7 @@ class ToyFamily(ModelFamily):
         """The uniform grid the turbo was distilled on: 1, 0.75, 0.5, 0.25, 0 for 4 steps."""
         return torch.linspace(1.0, 0.0, num_inference_steps + 1, device=device)
 
-    def velocity(self, transformer, x, sigma, condition, attention_kwargs=None):
+    def velocity(self, transformer, x, sigma, condition, attention_kwargs=None, dtype=None):
         return transformer(x, torch.as_tensor(sigma, dtype=x.dtype).expand(x.shape[0]), condition["context"])
 
 
