@@ -617,7 +617,7 @@ def dopsd_step(student, teacher, noise, sigmas, loss_space="x0", backward=None, 
             loss = distillation_loss(x, sigma, v_student, v_teacher, loss_space)
             if backward is not None:
                 backward(loss)
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())  # mse_loss's scalar can view its elementwise buffer (it does on a CPU)
         x = euler_step(x, sigma, sigma_next, v_student.detach())
     return losses
 
@@ -629,7 +629,7 @@ def sft_step(student, x0, noise, sigma, backward=None):
     loss = F.mse_loss(student(x, sigma), noise - x0)
     if backward is not None:
         backward(loss)
-    return loss.detach()
+    return loss.detach().clone()  # as in dopsd_step: not a view of the elementwise buffer
 
 
 @torch.no_grad()

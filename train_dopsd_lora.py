@@ -232,7 +232,6 @@ class LoraAdaptation:
             if self.teacher_params:
                 self._load_adapter(input_dir, TEACHER, "teacher_lora_weights.safetensors")
             self._activate(STUDENT)
-            self._freeze_teacher()
 
         self.accelerator.register_save_state_pre_hook(save_hook)
         self.accelerator.register_load_state_pre_hook(load_hook)

@@ -26,12 +26,11 @@ Every run also times, at the real architectures built on the meta device (so on 
 code does per rollout state outside the forwards (adapter switching, the transformer's dtype), beside what peft's
 set_adapter and diffusers' `.dtype` would cost there.
 
-Peak memory is torch.cuda.max_memory_allocated on a GPU. On a CPU it is the kernel's peak resident set size (VmHWM,
-reset through /proc/self/clear_refs after the warm-up) minus the resident set after setup, so it counts gradients,
-optimizer states, activations and whatever the C allocator keeps, but not the weights: a coarse proxy, and a stricter
-ratio than the GPU's (whose peak includes the weights). CPU children run with glibc's mmap threshold fixed at 64 KiB
-(MALLOC_MMAP_THRESHOLD_), without which the heap's fragmentation, not the training code, decides the peak; it makes CPU
-iterations slower (page faults), the iteration and its floor alike.
+Peak memory is torch.cuda.max_memory_allocated on a GPU. On a CPU it is exact too: one more iteration runs under
+PyTorch's profiler with memory tracking, whose allocation events carry the CPU allocator's running total, and the peak
+of that total above its value when the iteration began is what the target compares (activations, gradients and
+transients; not the weights, nor optimizer states made earlier: a stricter ratio than the GPU's). The process's peak
+resident set (VmHWM) is shown beside it; it also holds what the C allocator keeps, so it is no measure of the code.
 
 The table goes between <!-- bench:start --> and <!-- bench:end --> of BENCHMARKS.md, one block per --size (a run replaces
 the block of its size); other sections are left as they are.
@@ -150,24 +149,32 @@ def _proc_status_mb(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_now_mb() -> float:
-    gc.collect()
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**20
-    return _proc_status_mb("VmRSS")
-
-
 def reset_peak_memory():
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS (VmHWM) to the current RSS
+    Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS (VmHWM) to the current RSS
 
 
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _proc_status_mb("VmHWM")
+def cpu_tensor_growth_mb(fn) -> float:
+    """Peak bytes of CPU tensors allocated while `fn` runs, above those alive before it.
+
+    Read from the CPU allocator's running total as PyTorch's profiler reports every allocation and free: exact, where
+    the process's resident set also holds what the C allocator keeps and rounds to pages.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields))
+    allocations.sort(key=lambda pair: pair[0])
+    before = allocations[0][1].total_allocated - allocations[0][1].alloc_size
+    return (max(fields.total_allocated for _, fields in allocations) - before) / 2**20
 
 
 def timed(fn) -> float:
@@ -364,14 +371,19 @@ def measure(config: Config) -> dict:
             for name, seconds in sample.items():
                 times[name].append(seconds)
 
-    baseline = memory_now_mb()
     for _ in range(WARMUP_ITERATIONS):
         one_round(record=False)
     gc.collect()
+    start_mb = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else None
     reset_peak_memory()
     for _ in range(config.repeats):
         one_round(record=True)
-    peak = peak_memory_mb()
+    peak_rss_mb = _proc_status_mb("VmHWM")
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        above_start_mb = peak_mb - start_mb
+    else:  # one more iteration, with the allocator's accounting
+        peak_mb, above_start_mb = None, cpu_tensor_growth_mb(lambda: update(rollout()))
 
     median = {name: statistics.median(values) if values else None for name, values in times.items()}
     return {
@@ -380,7 +392,14 @@ def measure(config: Config) -> dict:
         "rollout_s": median["rollout"], "update_s": median["update"], "student_fb_s": median["student_fb"],
         "teacher_f_s": median["teacher_f"], "teacher_switched_f_s": median["teacher_switched_f"],
         "floor_s": rollout_steps * (median["student_fb"] + median["teacher_f"]) if config.method == "dopsd" else None,
-        "peak_mb": peak, "setup_mb": baseline, "transformer_params": sum(p.numel() for p in transformer.parameters()),
+        # Each round's iteration against the floor timed in that same round, so that a slow spell of a shared machine
+        # weighs on both sides of a ratio; the target reads the median of these.
+        "time_per_floor": statistics.median(
+            (r + u) / (rollout_steps * (s + t))
+            for r, u, s, t in zip(times["rollout"], times["update"], times["student_fb"], times["teacher_f"])
+        ) if config.method == "dopsd" else None,
+        "peak_mb": peak_mb, "above_start_mb": above_start_mb, "peak_rss_mb": peak_rss_mb,
+        "transformer_params": sum(p.numel() for p in transformer.parameters()),
         "trainable_params": sum(p.numel() for p in adaptation.trainable_parameters()),
         "loadavg": os.getloadavg()[0],
     }
@@ -494,10 +513,6 @@ def configurations(args) -> list[Config]:
 def run_isolated(payload: dict) -> dict | list:
     """Run one measurement in a fresh Python process; a failure (e.g. out of memory) becomes an error row."""
     env = {**os.environ, "OMP_NUM_THREADS": str(payload["threads"])}
-    if not torch.cuda.is_available():
-        # glibc keeps freed blocks below its (rising) mmap threshold in the heap, so a CPU's peak RSS would measure the
-        # allocator's fragmentation rather than live tensors; a fixed 64 KiB threshold hands freed activations back.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     result = subprocess.run([sys.executable, __file__, "--one-config", json.dumps(payload)], capture_output=True, text=True,
                             env=env, cwd=REPO_ROOT, check=False)
     if result.returncode != 0:
@@ -515,10 +530,11 @@ def ratio_verdict(ratio: float | None, target: float) -> str:
 
 
 def memory_of(row: dict) -> float | None:
-    """The memory the targets compare: the peak on a GPU, the growth above the post-setup RSS on a CPU."""
+    """The memory the targets compare: the peak on a GPU (weights included), the tensors allocated above those alive
+    at the start of an iteration on a CPU (weights excluded: a stricter ratio)."""
     if "error" in row:
         return None
-    return row["peak_mb"] if torch.cuda.is_available() else row["peak_mb"] - row["setup_mb"]
+    return row["peak_mb"] if torch.cuda.is_available() else row["above_start_mb"]
 
 
 def summarise(rows: list[dict], rollout_steps: list[int], residents: list[dict]) -> list[str]:
@@ -538,7 +554,7 @@ def summarise(rows: list[dict], rollout_steps: list[int], residents: list[dict])
             once = next((r for r in group if r["backward"] == "once"), None)
             if once is not None and memory_of(once) is not None and a:
                 lines.append(f"  - reference (one backward over all {high} states): {memory_of(once) / a:.2f}x")
-        ratios = {k: r["iteration_s"] / r["floor_s"] for k, r in sorted(per_state.items()) if "error" not in r}
+        ratios = {k: r["time_per_floor"] for k, r in sorted(per_state.items()) if "error" not in r}
         if ratios:
             worst = max(ratios, key=ratios.get)
             lines.append(f"- time / floor, {name}: worst at {worst} steps " + ratio_verdict(ratios[worst], TIME_TARGET)
@@ -558,21 +574,21 @@ def fmt(value, scale=1.0, digits=3):
 
 
 def table(rows: list[dict]) -> list[str]:
-    memory = "peak MB" if torch.cuda.is_available() else "peak RSS MB"
-    header = (f"| model | px | method | steps | ckpt | iteration s | rollout s | update s | student f+b s | teacher f s "
-              f"| teacher switch ms | floor s | time/floor | {memory} | above setup MB | load |")
-    lines = [header, "|" + "---|" * 16]
+    header = ("| model | px | method | steps | ckpt | iteration s | rollout s | update s | student f+b s | teacher f s "
+              "| teacher switch ms | floor s | time/floor | peak MB | above start MB | peak RSS MB | load |")
+    lines = [header, "|" + "---|" * 17]
     for r in rows:
         method = r["method"] + (" (one backward)" if r.get("backward") == "once" else "")
         head = f"| {r['model']} | {r['resolution']} | {method} | {r['rollout_steps']} | {'on' if r['gradient_checkpointing'] else 'off'} |"
         if "error" in r:
-            lines.append(head + f" error: {r['error']} |" + " |" * 10)
+            lines.append(head + f" error: {r['error']} |" + " |" * 11)
             continue
         switch = (r["teacher_switched_f_s"] - r["teacher_f_s"]) if r["teacher_f_s"] is not None else None
-        ratio = r["iteration_s"] / r["floor_s"] if r["floor_s"] else None
+        ratio = r["time_per_floor"]
         lines.append(head + f" {fmt(r['iteration_s'])} | {fmt(r['rollout_s'])} | {fmt(r['update_s'])} | {fmt(r['student_fb_s'])} "
                      f"| {fmt(r['teacher_f_s'])} | {fmt(switch, 1000, 1)} | {fmt(r['floor_s'])} | {fmt(ratio, digits=2)} "
-                     f"| {r['peak_mb']:.0f} | {r['peak_mb'] - r['setup_mb']:.0f} | {r['loadavg']:.1f} |")
+                     f"| {fmt(r['peak_mb'], digits=0)} | {fmt(r['above_start_mb'], digits=2)} | {r['peak_rss_mb']:.0f} "
+                     f"| {r['loadavg']:.1f} |")
     return lines
 
 
@@ -593,9 +609,10 @@ SECTION_INTRODUCTION = """## Training step: time and memory (`benchmarks/bench_t
 
 One iteration = `dopsd_step` with one backward per state (or `sft_step`) + gradient clipping + AdamW + EMA teacher update,
 batch 1, LoRA through `LoraAdaptation`; each configuration in a fresh process. Floor = steps x (student forward+backward +
-bare teacher forward) at one state, timed alternately with the iterations; teacher switch = the extra time of the training
-code's teacher call (adapter switched there and back) over the bare forward. One block per `--size`, replaced by the next
-run of that size."""
+bare teacher forward) at one state, timed alternately with the iterations; time/floor = the median over rounds of each
+round's iteration over the floor timed in the same round (so it can differ from the ratio of the two medians shown);
+teacher switch = the extra time of the training code's teacher call (adapter switched there and back) over the bare
+forward. One block per `--size`, replaced by the next run of that size."""
 
 
 def size_markers(size: str) -> tuple[str, str]:
@@ -685,11 +702,12 @@ def main(argv=None):
         "",
         *host_overhead_table(host),
     ]
-    memory = ("torch.cuda.max_memory_allocated (weights included), which the target compares, and its growth above the "
-              "allocation after setup" if torch.cuda.is_available() else
-              "peak RSS (VmHWM, reset after the warm-up) and its growth above the RSS after setup, which the target compares: "
-              "weights excluded, the C allocator's retained memory included, so a coarse proxy; glibc's mmap threshold fixed "
-              "at 64 KiB so that freed activations leave the heap (which also slows CPU iterations)")
+    memory = ("peak = torch.cuda.max_memory_allocated over the timed rounds (weights included), which the target compares; "
+              "above start = that peak less what was allocated when they began" if torch.cuda.is_available() else
+              "above start = the peak of the tensors one more iteration allocates above those alive when it begins, from "
+              "the CPU allocator's accounting as PyTorch's profiler reports it (exact; weights, gradients kept from "
+              "earlier and optimizer states excluded), which the target compares")
+    memory += "; peak RSS = the process's peak resident set over the timed rounds (VmHWM), for reference"
     block = "\n".join([
         f"### {args.size} models",
         "",

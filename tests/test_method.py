@@ -269,3 +269,12 @@ def test_lora_teacher_ema_follows_the_student(zimage):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s.detach())
     assert all(t.dtype == torch.float32 for t in adaptation.teacher_params)
     assert not any(t.requires_grad for t in adaptation.teacher_params)
+
+
+def test_the_returned_losses_hold_no_state_sized_buffers(klein):
+    """dopsd_step keeps one loss per state until the optimizer step: each must be a scalar of its own, not a view of
+    the state-sized buffer mse_loss computed it in (it is one on a CPU), or memory would grow with the states."""
+    family, adaptation = _lora_setup(klein, Flux2KleinFamily)
+    losses = _one_step(family, adaptation, lambda loss: (loss / 4).backward(), Image.new("RGB", (64, 64), (9, 9, 9)))
+    assert len(losses) == 4
+    assert all(loss.untyped_storage().nbytes() == loss.element_size() for loss in losses)
