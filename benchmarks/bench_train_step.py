@@ -26,11 +26,12 @@ Every run also times, at the real architectures built on the meta device (so on 
 code does per rollout state outside the forwards (adapter switching, the transformer's dtype), beside what peft's
 set_adapter and diffusers' `.dtype` would cost there.
 
-Peak memory is torch.cuda.max_memory_allocated on a GPU. On a CPU it is exact too: one more iteration runs under
-PyTorch's profiler with memory tracking, whose allocation events carry the CPU allocator's running total, and the peak
-of that total above its value when the iteration began is what the target compares (activations, gradients and
-transients; not the weights, nor optimizer states made earlier: a stricter ratio than the GPU's). The process's peak
-resident set (VmHWM) is shown beside it; it also holds what the C allocator keeps, so it is no measure of the code.
+Peak memory is torch.cuda.max_memory_allocated on a GPU, weights included. On a CPU it is exact too and means the same:
+the tensors alive when one more iteration begins (every storage reachable from Python, once), plus the peak of what
+that iteration allocates above them, read from the CPU allocator's running total that PyTorch's profiler attaches to
+each allocation event. The growth above the start is shown on its own (activations, gradients, transients). The
+process's peak resident set (VmHWM) is shown too; it also holds what the C allocator keeps, so it is no measure of the
+code.
 
 The table goes between <!-- bench:start --> and <!-- bench:end --> of BENCHMARKS.md, one block per --size (a run replaces
 the block of its size); other sections are left as they are.
@@ -153,6 +154,18 @@ def reset_peak_memory():
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS (VmHWM) to the current RSS
+
+
+def live_tensor_mb(dev: torch.device) -> float:
+    """Bytes of the tensors alive on `dev`, each storage once. Called between iterations, when every tensor (weights,
+    adapters, gradients, optimizer states, conditions) is reachable from Python."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device == dev:
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values()) / 2**20
 
 
 def cpu_tensor_growth_mb(fn) -> float:
@@ -383,7 +396,9 @@ def measure(config: Config) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
         above_start_mb = peak_mb - start_mb
     else:  # one more iteration, with the allocator's accounting
-        peak_mb, above_start_mb = None, cpu_tensor_growth_mb(lambda: update(rollout()))
+        start_mb = live_tensor_mb(dev)
+        above_start_mb = cpu_tensor_growth_mb(lambda: update(rollout()))
+        peak_mb = start_mb + above_start_mb
 
     median = {name: statistics.median(values) if values else None for name, values in times.items()}
     return {
@@ -443,8 +458,8 @@ def measure_host_overhead(threads: int) -> list[dict]:
 
     The transformers are built on PyTorch's meta device (no memory, no weights) with the two rank-64 adapters of
     LoraAdaptation. Per state the code switches to the teacher and back; peft's own switch, and diffusers' `.dtype`
-    (which the families need per forward and LoraAdaptation now asks once), are timed beside it. This is host work a
-    GPU cannot hide when it is as long as a forward.
+    (which the families need per forward, and LoraAdaptation asks once per run), are timed beside it: host work that a
+    GPU cannot hide once it is as long as a forward.
     """
     from pipeline_dopsd import weights_dtype
     from train_dopsd_lora import STUDENT, TEACHER, LoraAdaptation
@@ -530,11 +545,8 @@ def ratio_verdict(ratio: float | None, target: float) -> str:
 
 
 def memory_of(row: dict) -> float | None:
-    """The memory the targets compare: the peak on a GPU (weights included), the tensors allocated above those alive
-    at the start of an iteration on a CPU (weights excluded: a stricter ratio)."""
-    if "error" in row:
-        return None
-    return row["peak_mb"] if torch.cuda.is_available() else row["above_start_mb"]
+    """The memory the targets compare: the peak of live tensors, weights included, on either device."""
+    return None if "error" in row else row["peak_mb"]
 
 
 def summarise(rows: list[dict], rollout_steps: list[int], residents: list[dict]) -> list[str]:
@@ -548,7 +560,7 @@ def summarise(rows: list[dict], rollout_steps: list[int], residents: list[dict])
         per_state = {r["rollout_steps"]: r for r in group if r["method"] == "dopsd" and r["backward"] == "per_state"}
         if low in per_state and high in per_state and low != high:
             a, b = memory_of(per_state[low]), memory_of(per_state[high])
-            difference = f" ({b - a:+.0f} MB)" if a is not None and b is not None else ""
+            difference = f" ({b - a:+.2f} MB)" if a is not None and b is not None else ""
             lines.append(f"- memory {high} vs {low} rollout steps, {name}: "
                          + ratio_verdict(b / a if a and b is not None else None, MEMORY_TARGET) + difference)
             once = next((r for r in group if r["backward"] == "once"), None)
@@ -704,9 +716,10 @@ def main(argv=None):
     ]
     memory = ("peak = torch.cuda.max_memory_allocated over the timed rounds (weights included), which the target compares; "
               "above start = that peak less what was allocated when they began" if torch.cuda.is_available() else
-              "above start = the peak of the tensors one more iteration allocates above those alive when it begins, from "
-              "the CPU allocator's accounting as PyTorch's profiler reports it (exact; weights, gradients kept from "
-              "earlier and optimizer states excluded), which the target compares")
+              "peak = the tensors alive when one more iteration begins (weights, adapters, optimizer states, conditions: "
+              "every storage reachable from Python, once) plus above start = the peak of what that iteration allocates "
+              "above them, from the CPU allocator's accounting as PyTorch's profiler reports it; the target compares peak "
+              "(weights included, as on a GPU)")
     memory += "; peak RSS = the process's peak resident set over the timed rounds (VmHWM), for reference"
     block = "\n".join([
         f"### {args.size} models",
