@@ -33,7 +33,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import dopsd_metrics as metrics
-from dopsd_training import UserError, load_model_index, open_image, run_main
+from dopsd_args import UserError, load_model_index, run_main
+from dopsd_data import open_image
 from pipeline_dopsd import family_class
 
 logger = logging.getLogger("dopsd.evaluate")

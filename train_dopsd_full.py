@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from dopsd_training import build_parser, ema_update, finalize_args, logger, run_main, train
+from dopsd_args import build_parser, finalize_args, run_main
+from dopsd_training import ema_update, logger, train
 from pipeline_dopsd import weights_dtype
 
 EMA_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -20,7 +20,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from dopsd_training import UserError, build_parser, ema_update, finalize_args, logger, run_main, train
+from dopsd_args import UserError, build_parser, finalize_args, run_main
+from dopsd_training import ema_update, logger, train
 from pipeline_dopsd import weights_dtype
 
 STUDENT, TEACHER = "student", "teacher"

@@ -258,7 +258,7 @@ def make_conditions(family, spec: ModelSpec, resolution: int, dtype):
     if spec.config is None:
         from PIL import Image
 
-        from dopsd_training import image_tensor
+        from dopsd_data import image_tensor
 
         generator = torch.Generator().manual_seed(0)
         pixels = (torch.rand(resolution, resolution, 3, generator=generator) * 255).to(torch.uint8).numpy()

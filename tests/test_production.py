@@ -11,8 +11,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import dopsd_training as dt
 from conftest import load_stock
+from dopsd_args import REFERENCE_BUCKETS, UserError
+from dopsd_data import BucketBatches, Example, collect_raw_examples, load_examples, make_buckets, open_image
+from dopsd_outputs import checkpoint_dirs, push_to_hub, resolve_resume, save_args, write_model_card
+from dopsd_training import make_optimizer
 from pipeline_dopsd import Flux2KleinFamily, ZImageFamily
 from test_train_lora import FAST, run
 from train_dopsd_lora import parse_args
@@ -20,7 +23,7 @@ from train_dopsd_lora import parse_args
 
 def args_for(**overrides):
     base = dict(instance_data_dir=None, dataset_name=None, dataset_config_name=None, cache_dir=None, image_column="image",
-                caption_column=None, instance_prompt=None, dataset_streaming=False, resolution=64, aspect_ratio_buckets=dt.REFERENCE_BUCKETS,
+                caption_column=None, instance_prompt=None, dataset_streaming=False, resolution=64, aspect_ratio_buckets=REFERENCE_BUCKETS,
                 skip_bad_images=False)
     return argparse.Namespace(**{**base, **overrides})
 
@@ -34,42 +37,42 @@ def png(path, size=(64, 64), mode="RGB", color=None):
 
 
 def test_buckets_are_the_reference_set_scaled_to_the_resolution():
-    buckets = dt.make_buckets(args_for(resolution=1024))
+    buckets = make_buckets(args_for(resolution=1024))
     assert (1024, 1024) in buckets and (1152, 896) in buckets and (576, 1344) in buckets
-    assert dt.make_buckets(args_for(resolution=512)) == [(round(h / 32) * 16, round(w / 32) * 16) for h, w in buckets]
-    assert all(h % 16 == 0 and w % 16 == 0 for h, w in dt.make_buckets(args_for(resolution=64)))
+    assert make_buckets(args_for(resolution=512)) == [(round(h / 32) * 16, round(w / 32) * 16) for h, w in buckets]
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in make_buckets(args_for(resolution=64)))
 
 
 def test_one_bucket_per_batch_reshuffled_every_epoch_with_the_seed():
     images = [Image.new("RGB", (64, 64))] * 4 + [Image.new("RGB", (80, 48))] * 4
-    examples = [dt.Example(str(i), im, ["a", "b"]) for i, im in enumerate(images)]
-    batches = dt.BucketBatches(examples, batch_size=2, seed=3)
+    examples = [Example(str(i), im, ["a", "b"]) for i, im in enumerate(images)]
+    batches = BucketBatches(examples, batch_size=2, seed=3)
     first_epoch = [next(batches) for _ in range(4)]
     second_epoch = [next(batches) for _ in range(4)]
     for indices, column in first_epoch + second_epoch:
         assert len({examples[i].image.size for i in indices}) == 1 and column in (0, 1)
     assert sorted(i for b, _ in first_epoch for i in b) == list(range(8))
     assert first_epoch != second_epoch
-    again = dt.BucketBatches(examples, batch_size=2, seed=3)
+    again = BucketBatches(examples, batch_size=2, seed=3)
     assert [next(again) for _ in range(4)] == first_epoch
-    resumed = dt.BucketBatches(examples, batch_size=2, seed=3)
+    resumed = BucketBatches(examples, batch_size=2, seed=3)
     resumed.load_state_dict({"epoch": 1, "index": 2})
     assert [next(resumed) for _ in range(2)] == second_epoch[2:]
 
 
 def test_image_modes_are_converted_and_exif_orientation_is_honoured(tmp_path):
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
-    assert dt.open_image(rgba, "x").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
-    assert dt.open_image(Image.new("P", (8, 8)), "x").mode == "RGB"
-    assert dt.open_image(Image.new("L", (8, 8), 200), "x").getpixel((0, 0)) == (200, 200, 200)
+    assert open_image(rgba, "x").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert open_image(Image.new("P", (8, 8)), "x").mode == "RGB"
+    assert open_image(Image.new("L", (8, 8), 200), "x").getpixel((0, 0)) == (200, 200, 200)
     sixteen = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
-    assert dt.open_image(sixteen, "x").getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(sixteen, "x").getpixel((0, 0)) == (255, 255, 255)
     rotated = Image.new("RGB", (40, 20))
     exif = rotated.getexif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     path = tmp_path / "rotated.jpg"
     rotated.save(path, exif=exif)
-    assert dt.open_image(path, "rotated.jpg").size == (20, 40)
+    assert open_image(path, "rotated.jpg").size == (20, 40)
 
 
 def test_folder_with_metadata_jsonl_and_several_caption_columns(tmp_path):
@@ -78,17 +81,17 @@ def test_folder_with_metadata_jsonl_and_several_caption_columns(tmp_path):
     rows = [{"file_name": "a.png", "short": "[V] toy", "long": "a photo of [V] toy on a table"},
             {"file_name": "sub.png", "short": "[V] toy, wide"}]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    raw = dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path), caption_column="short,long"))
+    raw = collect_raw_examples(args_for(instance_data_dir=str(tmp_path), caption_column="short,long"))
     assert [captions for _, _, captions in raw] == [["[V] toy", "a photo of [V] toy on a table"], ["[V] toy, wide"]]
-    examples = dt.load_examples(args_for(instance_data_dir=str(tmp_path)), raw, ZImageFamily)
+    examples = load_examples(args_for(instance_data_dir=str(tmp_path)), raw, ZImageFamily)
     assert examples[1].image.size[0] > examples[1].image.size[1]  # the wide image went to a landscape bucket
 
 
 @pytest.mark.parametrize("file_name", ["../outside.png", "/etc/passwd"])
 def test_metadata_paths_must_stay_inside_the_dataset(tmp_path, file_name):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": file_name, "text": "x"}))
-    with pytest.raises(dt.UserError, match="outside the dataset folder"):
-        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="outside the dataset folder"):
+        collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
 
 
 def test_local_imagefolder_through_datasets(tmp_path):
@@ -96,7 +99,7 @@ def test_local_imagefolder_through_datasets(tmp_path):
         png(tmp_path / f"{i}.png", color=(i * 100, 0, 0))
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "caption": f"[V] {i}"}) for i in range(2)))
     for streaming in (False, True):
-        raw = list(dt.collect_raw_examples(args_for(dataset_name=str(tmp_path), caption_column="caption", dataset_streaming=streaming)))
+        raw = list(collect_raw_examples(args_for(dataset_name=str(tmp_path), caption_column="caption", dataset_streaming=streaming)))
         assert sorted(c[0] for _, _, c in raw) == ["[V] 0", "[V] 1"]
         assert all(isinstance(image, Image.Image) for _, image, _ in raw)
 
@@ -109,11 +112,11 @@ def test_bad_files_are_named_and_can_be_skipped(tmp_path, caplog):
     Image.new("RGB", (64, 64), (1, 2, 3)).save(truncated, format="PNG")
     (tmp_path / "cut.png").write_bytes(truncated.getvalue()[:60])
     args = args_for(instance_data_dir=str(tmp_path), instance_prompt="[V]")
-    raw = dt.collect_raw_examples(args)
-    with pytest.raises(dt.UserError, match="cut.png"):
-        dt.load_examples(args, raw, ZImageFamily)
+    raw = collect_raw_examples(args)
+    with pytest.raises(UserError, match="cut.png"):
+        load_examples(args, raw, ZImageFamily)
     args.skip_bad_images = True
-    examples = dt.load_examples(args, raw, ZImageFamily)
+    examples = load_examples(args, raw, ZImageFamily)
     assert [e.name for e in examples] == [str(good)]
     assert sum("skipping unreadable image" in r.message for r in caplog.records) == 2
 
@@ -121,14 +124,14 @@ def test_bad_files_are_named_and_can_be_skipped(tmp_path, caplog):
 def test_caption_problems_get_clear_messages(tmp_path):
     png(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes(b"")
-    with pytest.raises(dt.UserError, match="a.txt is empty"):
-        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="a.txt is empty"):
+        collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
     (tmp_path / "a.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(dt.UserError, match="not UTF-8"):
-        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="not UTF-8"):
+        collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
     (tmp_path / "a.txt").unlink()
-    with pytest.raises(dt.UserError, match="no caption"):
-        dt.collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="no caption"):
+        collect_raw_examples(args_for(instance_data_dir=str(tmp_path)))
 
 
 def test_argument_problems_are_caught_before_loading(tiny_models, sample_data, tmp_path):
@@ -145,7 +148,7 @@ def test_argument_problems_are_caught_before_loading(tiny_models, sample_data, t
         "not writable": ["--output_dir", str(a_file / "below")],
     }
     for message, extra in cases.items():
-        with pytest.raises(dt.UserError, match=message):
+        with pytest.raises(UserError, match=message):
             parse_args([*model, "--output_dir", str(tmp_path / "out"), *extra])
     assert not (tmp_path / "out").exists()  # nothing half-written
 
@@ -196,7 +199,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_models,
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the loss is") and "at step" in last
-    checkpoints = dt.checkpoint_dirs(out)
+    checkpoints = checkpoint_dirs(out)
     assert checkpoints and all((c / "training_state.json").exists() for c in checkpoints)
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
@@ -207,10 +210,10 @@ def test_latest_ignores_a_half_written_checkpoint(tmp_path):
         (tmp_path / f"checkpoint-{step}" / "training_state.json").write_text("{}")
     (tmp_path / ".partial-checkpoint-6").mkdir()  # a save killed half-way
     args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
-    assert dt.resolve_resume(args).name == "checkpoint-4"
+    assert resolve_resume(args).name == "checkpoint-4"
     args.resume_from_checkpoint = str(tmp_path / ".partial-checkpoint-6")
-    with pytest.raises(dt.UserError, match="not a complete checkpoint"):
-        dt.resolve_resume(args)
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        resolve_resume(args)
 
 
 # -- model card, Hub, export ---------------------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ def card_args(base, **overrides):
 def test_model_card_has_the_licence_snippets_and_widget(tmp_path, base, license):
     family = ZImageFamily if "Z-Image" in base else Flux2KleinFamily
     samples = [("a photo of [V] dog on a beach", Image.new("RGB", (8, 8)))]
-    dt.write_model_card(card_args(base, num_inference_steps=family.native_steps), family, tmp_path, samples, ["[V]"], "lora")
+    write_model_card(card_args(base, num_inference_steps=family.native_steps), family, tmp_path, samples, ["[V]"], "lora")
     card = (tmp_path / "README.md").read_text()
     assert f"license: {license}" in card and f"base_model: {base}" in card
     assert "image_0.png" in card and (tmp_path / "image_0.png").exists()
@@ -242,13 +245,13 @@ def test_model_card_has_the_licence_snippets_and_widget(tmp_path, base, license)
 def test_push_to_hub_uploads_the_output_without_checkpoints(tmp_path):
     with mock.patch("huggingface_hub.create_repo") as create, mock.patch("huggingface_hub.upload_folder") as upload:
         create.return_value.repo_id = "user/out"
-        dt.push_to_hub(card_args("Tongyi-MAI/Z-Image-Turbo", hub_model_id="user/out"), tmp_path)
+        push_to_hub(card_args("Tongyi-MAI/Z-Image-Turbo", hub_model_id="user/out"), tmp_path)
     assert upload.call_args.kwargs["repo_id"] == "user/out"
     assert "checkpoint-*" in upload.call_args.kwargs["ignore_patterns"]
 
 
 def test_saved_args_never_hold_the_token(tmp_path):
-    dt.save_args(card_args("Tongyi-MAI/Z-Image-Turbo"), tmp_path)
+    save_args(card_args("Tongyi-MAI/Z-Image-Turbo"), tmp_path)
     assert "hf_secret" not in (tmp_path / "args.json").read_text()
 
 
@@ -294,13 +297,13 @@ def test_low_vram_options_explain_what_they_need(tiny_models, sample_data, tmp_p
               "--output_dir", str(tmp_path / "out")]
     bad_json = tmp_path / "bnb.json"
     bad_json.write_text("{not json")
-    with pytest.raises(dt.UserError, match="cannot read a JSON object"):
+    with pytest.raises(UserError, match="cannot read a JSON object"):
         parse_args([*common, "--bnb_quantization_config_path", str(bad_json)])
     if importlib.util.find_spec("bitsandbytes") is None:
         good_json = tmp_path / "nf4.json"
         good_json.write_text(json.dumps({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}))
-        with pytest.raises(dt.UserError, match="needs bitsandbytes"):
+        with pytest.raises(UserError, match="needs bitsandbytes"):
             parse_args([*common, "--bnb_quantization_config_path", str(good_json)])
         args, _ = parse_args([*common, "--use_8bit_adam"])
-        with pytest.raises(dt.UserError, match="needs bitsandbytes"):
-            dt.make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])
+        with pytest.raises(UserError, match="needs bitsandbytes"):
+            make_optimizer(args, [torch.nn.Parameter(torch.zeros(2))])

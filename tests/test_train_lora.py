@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import load_stock, run_script
-from dopsd_training import UserError
+from dopsd_args import UserError
 
 FAST = ["--resolution", "64", "--rank", "4", "--lora_alpha", "4", "--validation_steps", "0", "--skip_final_validation",
         "--report_to", "none"]
@@ -83,7 +83,7 @@ def test_resume_ends_with_the_same_weights(tiny_models, sample_data, tmp_path):
 
 
 def test_a_resumed_run_rewrites_the_steps_after_its_checkpoint(tmp_path):
-    from dopsd_training import forget_after
+    from dopsd_outputs import forget_after
 
     log = tmp_path / "loss_log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)))

@@ -25,14 +25,14 @@ def rows(parser: argparse.ArgumentParser, skip: set[str]):
 
 
 def main():
-    import dopsd_training
+    import dopsd_args
     import evaluate_dopsd
     import train_dopsd_full
     import train_dopsd_lora
 
-    shared = {a.dest for a in dopsd_training.build_parser("")._actions}
+    shared = {a.dest for a in dopsd_args.build_parser("")._actions}
     print("### Shared by train_dopsd_lora.py and train_dopsd_full.py")
-    print("\n".join(rows(dopsd_training.build_parser(""), set())))
+    print("\n".join(rows(dopsd_args.build_parser(""), set())))
     print("\n### train_dopsd_lora.py only")
     print("\n".join(rows(train_dopsd_lora.make_parser(), shared)))
     print("\n### train_dopsd_full.py only")
