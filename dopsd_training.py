@@ -42,7 +42,8 @@ def distillation_loss(x, sigma, v_student, v_teacher, loss_space: str) -> torch.
     return F.mse_loss(v_student, v_teacher)
 
 
-def dopsd_step(student, teacher, noise, sigmas, loss_space="x0", backward=None, rollout_context=contextlib.nullcontext):
+def dopsd_step(student, teacher, noise, sigmas, loss_space="x0", backward=None, rollout_context=contextlib.nullcontext,
+               off_policy_x0=None):
     """One D-OPSD iteration on the student's own few-step rollout from `noise` along `sigmas`.
 
     `student(x, sigma)` and `teacher(x, sigma)` return velocities for a state. At every state: the teacher's prediction
@@ -50,10 +51,13 @@ def dopsd_step(student, teacher, noise, sigmas, loss_space="x0", backward=None, 
     1 / rollout steps), and an Euler step with the student's velocity. The state is detached at every step, so one
     backward per state gives exactly the gradient of the averaged loss while memory stays flat in the number of steps.
     `rollout_context()` wraps each student forward+backward (e.g. `accelerator.accumulate`). Returns the per-state losses.
+
+    `off_policy_x0` is the ablation the paper rejects: the same supervision on the noised ground truth
+    (1 - sigma) * x0 + sigma * noise at each sigma instead of the student's own states.
     """
     x, losses = noise, []
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        x = x.detach()
+        x = x.detach() if off_policy_x0 is None else (1 - sigma) * off_policy_x0 + sigma * noise
         with torch.no_grad():
             v_teacher = teacher(x, sigma)
         with rollout_context():
