@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from dopsd_metrics import DEFAULT_QUALITY_WARN_RATIO
-from pipeline_dopsd import FAMILIES, ModelFamily, family_class
+from pipeline_dopsd import FAMILIES, Flux2KleinFamily, ModelFamily, family_class
 
 # The reference recipe's buckets around 1 MP, as (height, width); --resolution rescales them to its pixel budget.
 REFERENCE_BUCKETS = "1024,1024;896,1152;1152,896;864,1152;1152,864;832,1248;1248,832;720,1280;1280,720;576,1344;1344,576"
@@ -55,8 +55,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--teacher_max_pixels", type=int, default=768 * 768,
                        help="Z-Image only: largest pixel budget of the teacher VLM's view of the target image.")
     model.add_argument("--teacher_prompt_suffix", default=None,
-                       help="FLUX.2-klein only: text appended to the teacher's prompt (default: an instruction to keep "
-                            "subject, details, background and composition consistent with the reference image).")
+                       help="FLUX.2-klein only: text appended to the teacher's prompt (default: the reference scripts' "
+                            f"'{Flux2KleinFamily.default_teacher_prompt_suffix}').")
 
     data = p.add_argument_group("data")
     data.add_argument("--instance_data_dir", default=None,
@@ -97,6 +97,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     method.add_argument("--rollout_steps", type=int, default=None,
                         help="States trained per rollout, spread over the deployment schedule and ending at sigma 0 "
                              "(default: 4 for Z-Image-Turbo, i.e. every other point; 4 for FLUX.2-klein, i.e. all).")
+    method.add_argument("--rollout_grid", choices=["inference", "reference"], default="inference",
+                        help="inference: the rollout visits the deployment schedule's own states; reference: the grid "
+                             "the reference implementation trained on (for FLUX.2-klein the scheduler's own "
+                             "--rollout_steps grid, whose last state is sigma ~0.01 at 1024 px; for Z-Image-Turbo the "
+                             "same states as inference).")
     method.add_argument("--loss_space", choices=["x0", "velocity"], default="x0",
                         help="Space of the MSE between student and teacher; x0 weighs each state by sigma^2.")
     method.add_argument("--ema_decay", type=float, default=0.9999,
@@ -106,8 +111,11 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     train.add_argument("--output_dir", default="dopsd-output", help="Where the weights, checkpoints and logs go.")
     train.add_argument("--seed", type=int, default=0, help="Seed of data order, noise and initialisation.")
     train.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device.")
-    train.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps to train.")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help="Optimizer steps to train (default: the reference recipe's, 2000 Z-Image-Turbo, 3001 FLUX.2-klein).")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=None,
+                       help="Batches per optimizer step (default: as many as give the reference recipe's 4 samples per "
+                            "optimizer step with --train_batch_size on the launched processes).")
     train.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in backward to save memory.")
     train.add_argument("--learning_rate", type=float, default=None,
                        help="AdamW learning rate (default: the family's recipe, 1e-4 Z-Image-Turbo, 2e-5 FLUX.2-klein).")
@@ -175,20 +183,34 @@ def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
             f"{args.pretrained_model_name_or_path} is not step-distilled (is_distilled=false): D-OPSD is for few-step "
             "models; use the distilled checkpoint or pass --num_inference_steps explicitly."
         )
+    if args.teacher_prompt_suffix is not None and family.default_teacher_prompt_suffix is None:
+        raise UserError(f"--teacher_prompt_suffix is for FLUX.2-klein only: drop it for {family.display_name}.")
+    if args.train_batch_size < 1 or (args.gradient_accumulation_steps is not None and args.gradient_accumulation_steps < 1):
+        raise UserError("--train_batch_size and --gradient_accumulation_steps must be at least 1.")
+    # accelerate launch starts the processes before this runs, and the launcher tells each how many there are.
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     defaults = {
         "num_inference_steps": family.native_steps,
         "rollout_steps": min(4, args.num_inference_steps or family.native_steps),
         "learning_rate": family.default_learning_rate,
+        "max_train_steps": family.reference_train_steps,
+        # The reference ran batch 1 on 4 GPUs; fewer samples per step make a noisier gradient at the same learning rate.
+        "gradient_accumulation_steps": max(1, round(family.reference_batch_size / (args.train_batch_size * processes))),
+        "teacher_prompt_suffix": family.default_teacher_prompt_suffix,
     }
-    filled = {name: value for name, value in defaults.items() if getattr(args, name) is None}
+    filled = {name: value for name, value in defaults.items() if getattr(args, name) is None and value is not None}
     for name, value in filled.items():
         setattr(args, name, value)
     if filled:
-        print(f"{family.display_name} defaults: " + ", ".join(f"--{k} {v}" for k, v in filled.items()))
-    if args.teacher_prompt_suffix is not None and family.pipeline_class_name != "Flux2KleinPipeline":
-        raise UserError(f"--teacher_prompt_suffix is for FLUX.2-klein only: drop it for {family.display_name}.")
+        print(f"{family.display_name} defaults: " + ", ".join(f"--{k} {v!r}" if isinstance(v, str) else f"--{k} {v}" for k, v in filled.items()))
+    effective = args.train_batch_size * processes * args.gradient_accumulation_steps
+    print(f"effective batch: {effective} samples per optimizer step ({args.train_batch_size} per process x {processes} "
+          f"process{'es' if processes > 1 else ''} x {args.gradient_accumulation_steps} accumulated; the reference "
+          f"recipe's is {family.reference_batch_size})")
     if not 1 <= args.rollout_steps <= args.num_inference_steps:
         raise UserError(f"--rollout_steps {args.rollout_steps} must be between 1 and --num_inference_steps {args.num_inference_steps}.")
+    if args.rollout_grid == "reference" and (reason := family.check_reference_rollout(args.rollout_steps)):
+        raise UserError(f"--rollout_grid reference: {reason}; use --rollout_grid inference.")
     return family
 
 

@@ -106,10 +106,17 @@ def make_optimizer(args, params, engine_owns_step: bool = False):
 
 
 def sample_sft_sigmas(family: ModelFamily, batch: int, height: int, width: int, generator, device) -> torch.Tensor:
-    """Continuous noise levels for SFT, distributed like the family's inference schedule at this resolution."""
-    grid = family.schedule(1000, height, width, device)[:-1]
-    u = torch.rand(batch, generator=generator, device=generator.device).to(device)
-    return grid[(u * (len(grid) - 1)).round().long()]
+    """Noise levels of one SFT batch, drawn as the family says (Z-Image-Turbo and klein: as diffusers' DreamBooth LoRA
+    examples draw them, `pipeline_dopsd.dreambooth_noise_levels`)."""
+    return family.sft_noise_levels(batch, height, width, generator, device)
+
+
+def training_rollout_sigmas(family: ModelFamily, args, height: int, width: int, device) -> torch.Tensor:
+    """The sigmas one D-OPSD rollout trains on: --rollout_steps states of the deployment schedule, or with
+    --rollout_grid reference the grid the reference implementation trained on."""
+    if args.rollout_grid == "reference":
+        return family.reference_rollout_sigmas(args.rollout_steps, height, width, device)
+    return rollout_sigmas(family.schedule(args.num_inference_steps, height, width, device), args.rollout_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -266,7 +273,7 @@ class Run:
             return None
         prompt, image = self.rows[0]
         width, height = image.size
-        sigmas = rollout_sigmas(family.sigmas(args.num_inference_steps, height, width, self.device), args.rollout_steps)
+        sigmas = training_rollout_sigmas(family, args, height, width, self.device)
         student_condition = family.collate([self.conditions.student(prompt)], self.device)
         teacher_condition = family.collate([self.validation_teacher[prompt]], self.device)
         x = family.initial_noise(1, height, width, validation_generator(prompt, 0, args.seed)).to(self.device)
@@ -388,7 +395,7 @@ def train(args, family_cls, adaptation_cls):
             noise = family.initial_noise(len(indices), height, width, noise_generator, run.device)
             if args.method == "dopsd":
                 teacher_condition = family.collate([run.conditions.teacher(i, caption_of(e, column)) for i, e in zip(indices, examples)], run.device)
-                sigmas = rollout_sigmas(family.schedule(args.num_inference_steps, height, width, run.device), args.rollout_steps)
+                sigmas = training_rollout_sigmas(family, args, height, width, run.device)
                 with adaptation.student():
                     losses.append(dopsd_step(run.student(model, student_condition), run.teacher(teacher_condition), noise, sigmas,
                                              args.loss_space, accelerator.backward, lambda: accelerator.accumulate(model)))

@@ -63,6 +63,25 @@ def rollout_sigmas(sigmas: torch.Tensor, rollout_steps: int) -> torch.Tensor:
     return sigmas[indices]
 
 
+def dreambooth_noise_levels(family: "ModelFamily", batch_size: int, height: int, width: int, generator, device=None):
+    """SFT noise levels drawn as diffusers' DreamBooth LoRA examples for Z-Image and FLUX.2-klein draw them
+    (train_dreambooth_lora_z_image.py, train_dreambooth_lora_flux2_klein.py, default weighting "none"): an index
+    uniform over the 1000 training sigmas of a fresh scheduler built from the model's config.
+
+    That scheduler applies its shift at construction only when the shift is static: Z-Image-Turbo's sigmas carry its
+    shift 3, klein's are unshifted (its shift is dynamic, set per resolution at inference only). Neither depends on the
+    image size; the 1000-step inference schedule would (for klein its empirical mu at 1000 steps lies far outside the
+    range it was fitted on and puts most noise levels near 0).
+    """
+    tables = family.__dict__.setdefault("_sft_sigmas", {})
+    if str(device) not in tables:
+        scheduler = type(family.pipe.scheduler).from_config(family.pipe.scheduler.config)
+        tables[str(device)] = scheduler.sigmas.to(device=device, dtype=torch.float32)
+    sigmas = tables[str(device)]
+    u = torch.rand(batch_size, generator=generator, device=generator.device).to(device)
+    return sigmas[(u * len(sigmas)).long()]
+
+
 class ModelFamily:
     """What a model family provides. Conditions are dicts of tensors, one per sample, so they cache to disk as-is.
 
@@ -73,8 +92,14 @@ class ModelFamily:
     display_name: str
     native_steps: int
     default_learning_rate: float
-    default_lora_layers: tuple[str, ...]
+    # --lora_preset name -> module-name suffixes to adapt; "reference" is what the paper's LoRAs adapted.
+    lora_presets: dict[str, tuple[str, ...]]
     tags: tuple[str, ...]
+    # The reference recipe (arXiv 2605.05204's scripts): samples per optimizer step (1 per GPU on 4 GPUs) and steps.
+    reference_batch_size: int = 4
+    reference_train_steps: int
+    # Text the teacher's prompt gets after it, or None when the family's teacher takes no suffix.
+    default_teacher_prompt_suffix: str | None = None
 
     def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
@@ -83,6 +108,11 @@ class ModelFamily:
     def check_reference_image(cls, width: int, height: int) -> str | None:
         """Why an image of this size cannot be a teacher reference, or None if it can."""
         return None
+
+    @classmethod
+    def check_reference_rollout(cls, rollout_steps: int) -> str | None:
+        """Why `--rollout_grid reference` cannot give `rollout_steps` states for this family, or None if it can."""
+        return f"the reference implementation has no training grid for {cls.display_name}"
 
     @classmethod
     def license_for(cls, model_name: str) -> str:
@@ -118,6 +148,25 @@ class ModelFamily:
         if key not in schedules:
             schedules[key] = self.sigmas(num_inference_steps, height, width, device)
         return schedules[key]
+
+    def reference_rollout_sigmas(self, rollout_steps: int, height: int, width: int, device=None) -> torch.Tensor:
+        """The `rollout_steps` + 1 sigmas the reference implementation trained on at this size (`--rollout_grid
+        reference`), remembered per size."""
+        schedules = self.__dict__.setdefault("_reference_rollouts", {})
+        key = (rollout_steps, height, width, str(device))
+        if key not in schedules:
+            schedules[key] = self._reference_rollout_sigmas(rollout_steps, height, width, device)
+        return schedules[key]
+
+    def _reference_rollout_sigmas(self, rollout_steps: int, height: int, width: int, device=None) -> torch.Tensor:
+        raise NotImplementedError(self.check_reference_rollout(rollout_steps))
+
+    def sft_noise_levels(self, batch_size: int, height: int, width: int, generator, device=None) -> torch.Tensor:
+        """Noise levels of one batch of vanilla flow-matching SFT (`--method sft`). Default: uniform over the inference
+        schedule at 1000 steps for this size."""
+        grid = self.schedule(1000, height, width, device)[:-1]
+        u = torch.rand(batch_size, generator=generator, device=generator.device).to(device)
+        return grid[(u * (len(grid) - 1)).round().long()]
 
     def velocity(self, transformer, x: torch.Tensor, sigma: torch.Tensor, condition: dict, attention_kwargs=None,
                  dtype: torch.dtype | None = None):
@@ -182,15 +231,28 @@ class ZImageFamily(ModelFamily):
     display_name = "Z-Image-Turbo"
     native_steps = 8
     default_learning_rate = 1e-4
-    default_lora_layers = (
+    # The reference's target list, attention and feed-forward of every block: there is nothing more to adapt.
+    lora_presets = dict.fromkeys(("reference", "all"), (
         "attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0",
         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3",
-    )
+    ))
     tags = ("z-image", "z-image-turbo")
+    reference_train_steps = 2000
+    sft_noise_levels = dreambooth_noise_levels
 
     def __init__(self, pipe):
         super().__init__(pipe)
         self.teacher_encoder = None
+
+    @classmethod
+    def check_reference_rollout(cls, rollout_steps):
+        if rollout_steps != 4:
+            return f"the reference trained Z-Image-Turbo on 4 states only, got --rollout_steps {rollout_steps}"
+        return None
+
+    def _reference_rollout_sigmas(self, rollout_steps, height, width, device=None):
+        # The reference's hard-coded grid {1, .9, .75, .5} -> 0 is every other point of the 8-step schedule (shift 3).
+        return rollout_sigmas(self.schedule(8, height, width, device), 4)
 
     def default_size(self):
         return 1024, 1024
@@ -351,17 +413,29 @@ class Flux2KleinFamily(ModelFamily):
     display_name = "FLUX.2-klein"
     native_steps = 4
     default_learning_rate = 2e-5
-    default_lora_layers = (
-        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-        "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
-        "attn.to_qkv_mlp_proj", "attn.to_out",
-    )
+    lora_presets = {
+        # What the reference's target list matches in diffusers' FLUX.2 transformer: its feed-forward names
+        # (ff.net.0.proj, ff.net.2, ...) match nothing in Flux2FeedForward (linear_in, linear_out), so the paper's klein
+        # LoRAs adapted the double-stream attention only.
+        "reference": (
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        ),
+        # Also the double-stream feed-forwards and every single-stream block (matched by name: 20 in 4B, 24 in 9B).
+        "all": (
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+            "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+            "attn.to_qkv_mlp_proj", "attn.to_out",
+        ),
+    }
     tags = ("flux2", "flux2-klein")
+    reference_train_steps = 3001
+    # The reference scripts' --edit-sys-prompt.
     default_teacher_prompt_suffix = (
-        "Keep the main subject and its details, the background and the overall composition consistent with the "
-        "reference image."
+        "Make the main subject (facial/ip details), background, and overall composition consistent with the reference image."
     )
+    sft_noise_levels = dreambooth_noise_levels
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -377,6 +451,21 @@ class Flux2KleinFamily(ModelFamily):
         if max(width, height) / min(width, height) > 8:
             return f"{width}x{height} has an aspect ratio over FLUX.2-klein's limit of 8"
         return None
+
+    @classmethod
+    def check_reference_rollout(cls, rollout_steps):
+        return None
+
+    def _reference_rollout_sigmas(self, rollout_steps, height, width, device=None):
+        # The reference asks the scheduler for a `rollout_steps`-step grid without passing sigmas, so diffusers spaces
+        # it linspace(1, 0.001) before the time shift (mu for `rollout_steps` steps), and ends it at 0. It does not
+        # visit the inference states: at 1024 px its last state is sigma ~0.01.
+        factor = self.pipe.vae_scale_factor * 2
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        mu = compute_empirical_mu(image_seq_len=(height // factor) * (width // factor), num_steps=rollout_steps)
+        scheduler.set_timesteps(rollout_steps, mu=mu, device=device)
+        sigmas = scheduler.timesteps.to(device=device, dtype=torch.float32) / 1000  # as the reference reads them
+        return torch.cat([sigmas, sigmas.new_zeros(1)])
 
     @classmethod
     def license_for(cls, model_name):

@@ -36,9 +36,14 @@ def make_parser():
     lora.add_argument("--lora_format", choices=["diffusers", "comfyui"], default="diffusers",
                       help="Keys of the final pytorch_lora_weights.safetensors: diffusers (transformer.*) or comfyui "
                            "(diffusion_model.*; BFL names for FLUX.2). diffusers' load_lora_weights reads both.")
+    lora.add_argument("--lora_preset", choices=["reference", "all"], default=None,
+                      help="Layers to adapt. reference (default): those the paper's LoRAs adapted, attention and "
+                           "feed-forward for Z-Image-Turbo, the double-stream attention only for FLUX.2-klein; all: for "
+                           "FLUX.2-klein also its double-stream feed-forwards and single-stream blocks (Z-Image-Turbo: "
+                           "the same as reference).")
     lora.add_argument("--lora_layers", default=None,
                       help="Comma-separated module-name suffixes to adapt, matched against every Linear of the "
-                           "transformer (default: the family's attention and feed-forward layers).")
+                           "transformer, instead of a --lora_preset.")
     lora.add_argument("--bnb_quantization_config_path", default=None,
                       help="JSON of a bitsandbytes config (e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"}) "
                            "to hold the frozen base transformer in 4 or 8 bits (QLoRA; needs a CUDA GPU).")
@@ -48,6 +53,10 @@ def make_parser():
 def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     family = finalize_args(args)
+    if args.lora_preset is not None and args.lora_layers is not None:
+        raise UserError("--lora_preset and --lora_layers both choose the adapted layers: pass one of them.")
+    if args.lora_layers is None:
+        args.lora_preset = args.lora_preset or "reference"
     if args.bnb_quantization_config_path is not None:
         args.quantization_config = read_quantization_config(args.bnb_quantization_config_path)
     return args, family
@@ -107,7 +116,7 @@ class LoraAdaptation:
             from peft import prepare_model_for_kbit_training
 
             prepare_model_for_kbit_training(transformer, use_gradient_checkpointing=False)
-        suffixes = [s.strip() for s in args.lora_layers.split(",")] if args.lora_layers else list(family.default_lora_layers)
+        suffixes = [s.strip() for s in args.lora_layers.split(",")] if args.lora_layers else list(family.lora_presets[args.lora_preset])
         targets = resolve_lora_targets(transformer, suffixes)
         self.config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                  init_lora_weights="gaussian", target_modules=targets)

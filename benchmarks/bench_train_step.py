@@ -289,8 +289,9 @@ def make_conditions(family, spec: ModelSpec, resolution: int, dtype):
 
 
 def lora_args(spec: ModelSpec, method: str) -> argparse.Namespace:
-    """The arguments LoraAdaptation reads, at train_dopsd_lora.py's defaults except the rank."""
-    return argparse.Namespace(rank=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0, lora_layers=None, method=method,
+    """The arguments LoraAdaptation reads, at train_dopsd_lora.py's defaults except the rank and klein's layers (the
+    larger preset, "all", as BENCHMARKS.md and the README's memory figures were measured; Z-Image's presets are equal)."""
+    return argparse.Namespace(rank=spec.rank, lora_alpha=spec.lora_alpha, lora_dropout=0.0, lora_layers=None, lora_preset="all", method=method,
                               ema_decay=0.9999, learning_rate=1e-4, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0,
                               adam_epsilon=1e-8, use_8bit_adam=False, max_grad_norm=1.0)
 

@@ -258,7 +258,8 @@ def test_saved_args_never_hold_the_token(tmp_path):
 def test_comfyui_export_round_trips_through_diffusers_loaders(tiny_models, sample_data, tmp_path):
     out = tmp_path / "out"
     run(["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--instance_data_dir", sample_data, "--output_dir", out,
-         "--max_train_steps", 2, "--checkpointing_steps", 2, "--learning_rate", 1e-2, "--lora_format", "comfyui", *FAST])
+         "--max_train_steps", 2, "--checkpointing_steps", 2, "--learning_rate", 1e-2, "--lora_format", "comfyui",
+         "--lora_preset", "all", *FAST])
     keys = load_file(out / "pytorch_lora_weights.safetensors").keys()
     assert all(k.startswith("diffusion_model.") for k in keys)
     assert any(".img_attn.qkv." in k for k in keys) and any("single_blocks.1.linear1" in k for k in keys)

@@ -139,7 +139,6 @@ class ToyFamily(ModelFamily):
     display_name = "2-D concept world"
     native_steps = FEW_STEPS
     default_learning_rate = 3e-4
-    default_lora_layers = ()
     tags = ("toy",)
 
     def __init__(self):
