@@ -148,15 +148,17 @@ def _batches(items: Sequence, size: int):
 
 @torch.no_grad()
 def dino_embedding(model, processor, images: Sequence) -> torch.Tensor:
-    """Mean of the L2-normalised DINO patch tokens (CLS and register tokens left out), one row per image.
+    """The L2-normalised mean of the DINO patch tokens (CLS and register tokens left out), one row per image.
 
-    Images go in at full resolution (no resize or crop; the processor only rescales and normalises), like the
-    reference evaluation; all images of one call must have the same size.
+    As the reference evaluation (run_score.py) computes it: the final layer's layer-normed patch tokens (transformers'
+    `last_hidden_state`, DINO's `x_norm_patchtokens`) are averaged, then the average is normalised, so a token counts
+    by its length. Images go in at full resolution (no resize or crop; the processor only rescales and normalises);
+    all images of one call must have the same size.
     """
     inputs = processor(images=[_rgb(i) for i in images], return_tensors="pt", do_resize=False, do_center_crop=False)
     hidden = model(pixel_values=inputs["pixel_values"].to(model.device, model.dtype)).last_hidden_state
     patches = hidden[:, 1 + getattr(model.config, "num_register_tokens", 0) :]
-    return F.normalize(patches.float(), dim=-1).mean(dim=1)
+    return F.normalize(patches.float().mean(dim=1), dim=-1)
 
 
 def dino_distances(model, processor, images: Sequence, references: Sequence) -> list[float]:

@@ -185,6 +185,30 @@ def test_judge_answers_parse_to_the_first_label_named():
 # Model-based metrics on tiny random models
 
 
+def test_dino_embedding_averages_the_patch_tokens_then_normalises(scorer_dirs):
+    """As the reference's run_score.py: normalise(mean(x_norm_patchtokens)), so a longer token weighs more (a mean of
+    normalised tokens would weigh them all alike); transformers' last_hidden_state is that layer-normed output."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    dino = AutoModel.from_pretrained(scorer_dirs["dino"])
+    processor = AutoImageProcessor.from_pretrained(scorer_dirs["dino"])
+    with torch.no_grad():  # a trained final LayerNorm's affine gives the tokens different lengths (the random one: sqrt(d))
+        generator = torch.Generator().manual_seed(0)
+        dino.layernorm.weight.copy_(torch.rand(dino.layernorm.weight.shape, generator=generator) + 0.5)
+        dino.layernorm.bias.copy_(torch.randn(dino.layernorm.bias.shape, generator=generator))
+    image = textured_image(3)
+    with torch.no_grad():
+        pixels = processor(images=[image], return_tensors="pt", do_resize=False, do_center_crop=False)["pixel_values"]
+        patches = dino(pixel_values=pixels).last_hidden_state[:, 1:]
+    ours = metrics.dino_embedding(dino, processor, [image])
+    torch.testing.assert_close(ours, torch.nn.functional.normalize(patches.mean(dim=1), dim=-1))
+    assert torch.linalg.vector_norm(ours, dim=-1).item() == pytest.approx(1.0)
+    lengths = torch.linalg.vector_norm(patches, dim=-1)
+    assert lengths.max() / lengths.min() > 1.05  # the tokens' lengths differ, so the two orders give different features
+    mean_of_normalised = torch.nn.functional.normalize(patches, dim=-1).mean(dim=1)
+    assert not torch.allclose(ours, torch.nn.functional.normalize(mean_of_normalised, dim=-1), atol=1e-4)
+
+
 def test_model_metrics_run_on_tiny_models(scorer_dirs):
     from transformers import AutoImageProcessor, AutoModel, AutoProcessor
 
