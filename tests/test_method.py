@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dopsd_training import dopsd_step, ema_update, rollout_sigmas
+from dopsd_training import distillation_loss, dopsd_step, ema_update, rollout_sigmas
 from pipeline_dopsd import Flux2KleinFamily, QwenVLTeacherEncoder, ZImageFamily, euler_step
 from train_dopsd_lora import LoraAdaptation
 
@@ -39,6 +39,8 @@ def test_zimage_schedule_is_the_reference_grid_at_real_size(zimage):
     # The stock 8-step schedule (shift 3), and its every-other points = the reference's 4-step training grid.
     torch.testing.assert_close(rollout_sigmas(sigmas, 4), torch.tensor([1.0, 0.9, 0.75, 0.5, 0.0]), atol=1e-6, rtol=0)
     assert torch.equal(rollout_sigmas(sigmas, 8), sigmas)
+    # States spread evenly: the nearest points of the 8-step schedule to 0, 8/3 and 16/3 steps, then sigma 0.
+    assert torch.equal(rollout_sigmas(sigmas, 3), sigmas[[0, 3, 5, 8]])
     with pytest.raises(ValueError, match="rollout_steps"):
         rollout_sigmas(sigmas, 9)
 
@@ -110,6 +112,36 @@ def test_zimage_teacher_encoder_swaps_the_language_model(zimage, tiny_models):
     assert (other - caption).abs().max() > 0
 
 
+def test_zimage_teacher_context_is_the_vlms_second_to_last_layer_of_image_then_prompt(zimage, tiny_models):
+    """The reference's teacher context written out: one user turn [image, prompt] with the generation prompt,
+    hidden_states[-2] of the VLM (the layer Z-Image's own text path uses), padding removed."""
+    family = ZImageFamily(zimage)
+    encoder = family.load_teacher_encoder(str(tiny_models / "qwen3-vl-teacher"), 32 * 32, 64 * 64)
+    image = Image.new("RGB", (64, 64), (10, 200, 30))
+    image.paste((240, 20, 20), (0, 0, 32, 32))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPTS[0]}]}]
+    inputs = encoder.processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                                   return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder.model(**inputs, output_hidden_states=True).hidden_states
+    keep = inputs["attention_mask"][0].bool()
+    ours = family.encode_teacher([PROMPTS[0]], [image])[0]["caption"]
+    torch.testing.assert_close(ours, hidden[-2][0][keep], rtol=0, atol=0)
+    assert not torch.allclose(hidden[-1][0][keep], hidden[-2][0][keep])  # the last layer would be another context
+    # The image's tokens come before the prompt's.
+    ids = inputs["input_ids"][0].tolist()
+    first_prompt_token = encoder.processor.tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"][0]
+    assert ids.index(encoder.model.config.image_token_id) < ids.index(first_prompt_token)
+
+
+def test_klein_teacher_prompt_is_the_prompt_then_the_reference_suffix(klein):
+    family = Flux2KleinFamily(klein)
+    suffix = "Make the main subject (facial/ip details), background, and overall composition consistent with the reference image."
+    assert family.teacher_prompt(PROMPTS[0]) == f"{PROMPTS[0]} {suffix}"
+    family.setup_teacher(prompt_suffix="keep it")
+    assert family.teacher_prompt(PROMPTS[0]) == f"{PROMPTS[0]} keep it"
+
+
 def test_teacher_encoder_refuses_a_mismatched_vlm(tiny_models, klein):
     # klein's text encoder has 28 layers, the tiny VLM's language model 2: every extra key is a mismatch.
     with pytest.raises(ValueError, match="does not match the text encoder"):
@@ -127,19 +159,20 @@ def test_teacher_context_over_the_caption_limit_fails_clearly(zimage, tiny_model
 # -- the D-OPSD step --------------------------------------------------------------------------------------------------
 
 
-def _lora_setup(pipe, family_cls, ema_decay=0.5, gradient_checkpointing=False):
+def _lora_setup(pipe, family_cls, ema_decay=0.5, gradient_checkpointing=False, perturb=True):
     family = family_cls(pipe)
-    args = argparse.Namespace(rank=4, lora_alpha=4, lora_dropout=0.0, lora_layers=None, method="dopsd", ema_decay=ema_decay,
-                              learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8,
-                              use_8bit_adam=False)
+    args = argparse.Namespace(rank=4, lora_alpha=4, lora_dropout=0.0, lora_layers=None, lora_preset="all", method="dopsd",
+                              ema_decay=ema_decay, learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0,
+                              adam_epsilon=1e-8, use_8bit_adam=False)
     transformer = pipe.transformer
     transformer.requires_grad_(False)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     adaptation = LoraAdaptation(args, family, transformer, accelerator=None, weight_dtype=torch.float32)
-    with torch.no_grad():  # a non-zero student so that gradients flow into both LoRA factors
-        for p in adaptation.student_params:
-            p.add_(torch.randn_like(p) * 0.05)
+    if perturb:
+        with torch.no_grad():  # a non-zero student so that gradients flow into both LoRA factors
+            for p in adaptation.student_params:
+                p.add_(torch.randn_like(p) * 0.05)
     return family, adaptation
 
 
@@ -153,6 +186,57 @@ def _one_step(family, adaptation, backward, image):
             lambda x, s: adaptation.teacher_velocity(x, s, teacher_condition),
             _noise(family), sigmas, "x0", backward,
         )
+
+
+@pytest.mark.parametrize("loss_space", ["x0", "velocity"])
+def test_the_students_velocity_drives_the_rollout_and_both_see_its_states(loss_space):
+    """On-policy: every state is the previous one advanced by an Euler step with the student's velocity; the teacher
+    predicts at that same state and sigma, without a graph; each state's loss is the asked-for MSE."""
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    calls = {"student": [], "teacher": []}
+
+    def student(x, sigma):
+        assert torch.is_grad_enabled()
+        calls["student"].append((x.clone(), sigma))
+        return 0.5 * x + 1.0
+
+    def teacher(x, sigma):
+        assert not torch.is_grad_enabled()
+        calls["teacher"].append((x.clone(), sigma))
+        return -x
+
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    losses = dopsd_step(student, teacher, noise, sigmas, loss_space)
+    x = noise
+    for k in range(4):
+        for role in ("student", "teacher"):
+            state, sigma = calls[role][k]
+            torch.testing.assert_close(state, x, rtol=0, atol=0)
+            assert sigma == sigmas[k]
+        v_student, v_teacher = 0.5 * x + 1.0, -x
+        weight = sigmas[k] ** 2 if loss_space == "x0" else 1.0
+        torch.testing.assert_close(losses[k], weight * (v_student - v_teacher).square().mean())
+        x = x + (sigmas[k + 1] - sigmas[k]) * v_student
+    assert len(calls["student"]) == len(calls["teacher"]) == 4
+
+
+def test_the_off_policy_ablation_trains_on_the_noised_ground_truth():
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    generator = torch.Generator().manual_seed(2)
+    noise, x0 = torch.randn(1, 2, 4, 4, generator=generator), torch.randn(1, 2, 4, 4, generator=generator)
+    states = []
+    dopsd_step(lambda x, sigma: states.append(x.clone()) or x, lambda x, sigma: -x, noise, sigmas, "x0", off_policy_x0=x0)
+    for state, sigma in zip(states, sigmas):
+        torch.testing.assert_close(state, (1 - sigma) * x0 + sigma * noise, rtol=0, atol=0)
+
+
+def test_x0_loss_is_the_velocity_loss_weighted_by_sigma_squared():
+    generator = torch.Generator().manual_seed(1)
+    x, v_student, v_teacher = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(3))
+    sigma = torch.tensor(0.5)
+    velocity = distillation_loss(x, sigma, v_student, v_teacher, "velocity")
+    torch.testing.assert_close(velocity, (v_student - v_teacher).square().mean())
+    torch.testing.assert_close(distillation_loss(x, sigma, v_student, v_teacher, "x0"), sigma**2 * velocity)
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
@@ -191,9 +275,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(zimage, tiny_models):
 
 
 def test_teacher_starts_equal_to_student_and_a_same_context_teacher_teaches_nothing(zimage):
-    family, adaptation = _lora_setup(zimage, ZImageFamily)
-    with torch.no_grad():
+    family, adaptation = _lora_setup(zimage, ZImageFamily, perturb=False)
+    # A copy, not a second random draw: lora_A is random at init (B is zero), so only a copy makes them equal.
+    assert len(adaptation.teacher_params) == len(adaptation.student_params) > 0
+    for t, s in zip(adaptation.teacher_params, adaptation.student_params):
+        assert torch.equal(t, s) and t.data_ptr() != s.data_ptr()
+    # The reference's (and diffusers' examples') "gaussian" init: lora_A ~ N(0, 1/rank), lora_B = 0.
+    named = dict(adaptation.transformer.named_parameters())
+    a = torch.cat([p.flatten() for n, p in named.items() if ".lora_A.student." in n])
+    assert a.std().item() == pytest.approx(1 / 4, rel=0.1)
+    assert all(p.abs().max() == 0 for n, p in named.items() if ".lora_B.student." in n)
+    with torch.no_grad():  # a trained-looking student, and the teacher still equal to it
         for t, s in zip(adaptation.teacher_params, adaptation.student_params):
+            s.add_(torch.randn_like(s) * 0.05)
             t.copy_(s)
     condition = family.collate(family.encode_student(PROMPTS[:1]), "cpu")
     sigmas = rollout_sigmas(family.sigmas(8, 64, 64), 4)
@@ -259,6 +353,18 @@ def test_adapter_switching_runs_the_adapter_peft_would(klein):
     student.square().mean().backward()
     assert all(p.grad is not None for p in adaptation.student_params)
     assert all(p.grad is None for p in adaptation.teacher_params)
+
+
+def test_lora_factors_are_fp32_on_a_bf16_base(tiny_models):
+    """The EMA teacher keeps its small updates only in fp32 (a bf16 adapter rounds most of them away)."""
+    from diffusers import Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel.from_pretrained(str(tiny_models / "flux2-klein" / "transformer"), dtype=torch.bfloat16)
+    pipe = __import__("conftest").load_stock(tiny_models / "flux2-klein")
+    pipe.transformer = transformer
+    _, adaptation = _lora_setup(pipe, Flux2KleinFamily, perturb=False)
+    assert all(p.dtype == torch.float32 for p in adaptation.student_params + adaptation.teacher_params)
+    assert next(p for n, p in transformer.named_parameters() if "lora" not in n).dtype == torch.bfloat16
 
 
 def test_lora_teacher_ema_follows_the_student(zimage):
