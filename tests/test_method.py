@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from dopsd_training import distillation_loss, dopsd_step, ema_update, rollout_sigmas
-from pipeline_dopsd import Flux2KleinFamily, QwenVLTeacherEncoder, ZImageFamily, euler_step
+from pipeline_dopsd import Flux2KleinFamily, QwenVLTeacherEncoder, ZImageFamily, euler_step, x0_from_velocity
 from train_dopsd_lora import LoraAdaptation
 
 PROMPTS = ["a photo of [V] toy on a table", "a red apple"]
@@ -99,6 +99,10 @@ def test_klein_teacher_prediction_is_the_editing_path(klein):
 
 def test_zimage_teacher_encoder_swaps_the_language_model(zimage, tiny_models):
     family = ZImageFamily(zimage)
+    # The tiny VLM was saved with the tiny text encoder's weights: move them, so that only the swap makes them equal.
+    with torch.no_grad():
+        for p in zimage.text_encoder.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.01)
     family.load_teacher_encoder(str(tiny_models / "qwen3-vl-teacher"), 32 * 32, 64 * 64)
     lm = family.teacher_encoder.model.model.language_model.state_dict()
     for key, value in zimage.text_encoder.state_dict().items():
@@ -228,6 +232,18 @@ def test_the_off_policy_ablation_trains_on_the_noised_ground_truth():
     dopsd_step(lambda x, sigma: states.append(x.clone()) or x, lambda x, sigma: -x, noise, sigmas, "x0", off_policy_x0=x0)
     for state, sigma in zip(states, sigmas):
         torch.testing.assert_close(state, (1 - sigma) * x0 + sigma * noise, rtol=0, atol=0)
+
+
+def test_flow_conventions_recover_the_clean_sample_and_reach_it():
+    """x = (1 - sigma) x0 + sigma noise and v = noise - x0: x0 = x - sigma v, and one Euler step to sigma 0 lands on x0.
+    (The loss alone cannot tell the sign of x0_from_velocity: both sides shift alike. The rollout strip can.)"""
+    generator = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    sigma = torch.tensor(0.75)
+    x, v = (1 - sigma) * x0 + sigma * noise, noise - x0
+    torch.testing.assert_close(x0_from_velocity(x, sigma, v), x0)
+    torch.testing.assert_close(euler_step(x, sigma, torch.tensor(0.0), v), x0)
+    torch.testing.assert_close(euler_step(x, sigma, torch.tensor(1.0), v), noise)
 
 
 def test_x0_loss_is_the_velocity_loss_weighted_by_sigma_squared():
