@@ -101,7 +101,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         help="inference: the rollout visits the deployment schedule's own states; reference: the grid "
                              "the reference implementation trained on (for FLUX.2-klein the scheduler's own "
                              "--rollout_steps grid, whose last state is sigma ~0.01 at 1024 px; for Z-Image-Turbo the "
-                             "same states as inference).")
+                             "default's own 4 states).")
     method.add_argument("--loss_space", choices=["x0", "velocity"], default="x0",
                         help="Space of the MSE between student and teacher; x0 weighs each state by sigma^2.")
     method.add_argument("--ema_decay", type=float, default=0.9999,

@@ -413,18 +413,17 @@ class Flux2KleinFamily(ModelFamily):
     display_name = "FLUX.2-klein"
     native_steps = 4
     default_learning_rate = 2e-5
+    _double_stream_attention = (
+        "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+        "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    )
     lora_presets = {
         # What the reference's target list matches in diffusers' FLUX.2 transformer: its feed-forward names
         # (ff.net.0.proj, ff.net.2, ...) match nothing in Flux2FeedForward (linear_in, linear_out), so the paper's klein
         # LoRAs adapted the double-stream attention only.
-        "reference": (
-            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-        ),
+        "reference": _double_stream_attention,
         # Also the double-stream feed-forwards and every single-stream block (matched by name: 20 in 4B, 24 in 9B).
-        "all": (
-            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        "all": _double_stream_attention + (
             "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
             "attn.to_qkv_mlp_proj", "attn.to_out",
         ),
