@@ -57,6 +57,7 @@ def save_checkpoint(accelerator, args, step: int, training_state: dict):
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()  # every rank writes its RNG state into the folder: rename it only once all have
     if accelerator.is_main_process:
         (partial / "training_state.json").write_text(json.dumps(training_state))
         if final.exists():
