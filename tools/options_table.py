@@ -25,6 +25,7 @@ def rows(parser: argparse.ArgumentParser, skip: set[str]):
 
 
 def main():
+    import caption_dopsd
     import dopsd_args
     import evaluate_dopsd
     import train_dopsd_full
@@ -39,6 +40,8 @@ def main():
     print("\n".join(rows(train_dopsd_full.make_parser(), shared)))
     print("\n### evaluate_dopsd.py")
     print("\n".join(rows(evaluate_dopsd.make_parser(), set())))
+    print("\n### caption_dopsd.py")
+    print("\n".join(rows(caption_dopsd.make_parser(), set())))
 
 
 if __name__ == "__main__":
