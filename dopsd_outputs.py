@@ -49,15 +49,18 @@ def forget_after(log: Path, step: int):
         log.write_text("".join(row + "\n" for row in rows))
 
 
-def save_checkpoint(accelerator, args, step: int, training_state: dict):
-    """accelerator.save_state into a temporary folder, then an atomic rename to checkpoint-N, then rotation."""
+def save_checkpoint(accelerator, args, step: int, training_state: dict, **save_kwargs):
+    """accelerator.save_state into a temporary folder, then an atomic rename to checkpoint-N, then rotation.
+
+    Every rank writes into the temporary folder (its RNG state; DeepSpeed and FSDP their shards), so the main rank
+    renames it only once all of them are done."""
     final = Path(args.output_dir) / f"checkpoint-{step}"
     partial = Path(args.output_dir) / f".partial-checkpoint-{step}"
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()  # every rank writes its RNG state into the folder: rename it only once all have
+    accelerator.save_state(str(partial), **save_kwargs)
+    accelerator.wait_for_everyone()  # every rank writes its RNG state (DeepSpeed: its optimizer partitions) into the folder: rename it only once all have
     if accelerator.is_main_process:
         (partial / "training_state.json").write_text(json.dumps(training_state))
         if final.exists():
@@ -68,6 +71,10 @@ def save_checkpoint(accelerator, args, step: int, training_state: dict):
                 shutil.rmtree(old)
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation grids and model card
 
 
 def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:

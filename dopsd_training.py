@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dopsd_args import UserError
+from dopsd_engines import engine_for, report
 from dopsd_data import BucketBatches, ConditionCache, Example, caption_of, collect_raw_examples, load_examples
 from dopsd_outputs import (forget_after, make_grid, push_to_hub, resolve_resume, save_args, save_checkpoint, trigger_words,
                            validation_generator, write_model_card)
@@ -172,25 +173,29 @@ class Run:
             project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / args.logging_dir)),
         )
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO if self.accelerator.is_main_process else logging.WARNING)
+        self.engine = engine_for(self.accelerator)  # refuses a launch whose engine accelerate did not set up
+        self.engine.configure(args)
         set_seed(args.seed)
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.validates = bool(args.validation_steps or not args.skip_final_validation or args.preview_teacher_only)
-        if self.sharded() and self.validates:
+        if self.engine.shards_parameters and self.validates:
             raise UserError("validation samples from the whole model on one rank, which ZeRO-3 and FSDP shard: pass "
                             "--validation_steps 0 --skip_final_validation and evaluate the saved model with evaluate_dopsd.py.")
+        adaptation_cls.check_engine(args, self.engine)
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
-        pipe = load_base_pipeline(args, self.weight_dtype, adaptation_cls.transformer_load_kwargs(args, self.weight_dtype))
         from pipeline_dopsd import family_for
 
-        self.family = family_for(pipe)
-        self.family.setup_teacher(
-            vlm_name_or_path=args.teacher_vlm_name_or_path, min_pixels=args.teacher_min_pixels, max_pixels=args.teacher_max_pixels,
-            prompt_suffix=args.teacher_prompt_suffix, needed=args.method == "dopsd",
-            cache_dir=args.cache_dir,
-        )
+        with self.engine.zero3_init_disabled():
+            pipe = load_base_pipeline(args, self.weight_dtype, adaptation_cls.transformer_load_kwargs(args, self.weight_dtype))
+            self.family = family_for(pipe)
+            self.family.setup_teacher(
+                vlm_name_or_path=args.teacher_vlm_name_or_path, min_pixels=args.teacher_min_pixels, max_pixels=args.teacher_max_pixels,
+                prompt_suffix=args.teacher_prompt_suffix, needed=args.method == "dopsd",
+                cache_dir=args.cache_dir,
+            )
         self.rows = validation_rows(args, self.examples)
         self.conditions = ConditionCache(args.condition_cache_dir, condition_fingerprint(args, self.weight_dtype))
         rows = [Example("validation", image, [prompt]) for prompt, image in self.rows]
@@ -211,15 +216,6 @@ class Run:
         if args.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.adaptation = adaptation_cls(args, self.family, self.transformer, self.accelerator, self.weight_dtype)
-
-    def sharded(self) -> bool:
-        """Whether the engine shards the parameters themselves (ZeRO-3, FSDP)."""
-        from accelerate.utils import DistributedType
-
-        state = self.accelerator.state
-        if state.distributed_type == DistributedType.DEEPSPEED:
-            return state.deepspeed_plugin.zero_stage == 3
-        return state.distributed_type == DistributedType.FSDP
 
     # -- forwards -------------------------------------------------------------------------------------------------------
     def student(self, model, condition):
@@ -321,15 +317,26 @@ class Run:
         return samples
 
 
+def fingerprint(tensors) -> torch.Tensor:
+    """(element count, sum, sum of squares) of whole tensors, in float64: equal weights give equal fingerprints."""
+    total = torch.zeros(3, dtype=torch.float64)
+    for t in tensors:
+        t = t.detach().double().cpu()
+        total += torch.stack([torch.tensor(float(t.numel()), dtype=torch.float64), t.sum(), t.square().sum()])
+    return total
+
+
 def check_ranks_agree(accelerator, adaptation):
-    """Every rank must end with the same student and teacher: compare one checksum of each across ranks."""
-    if accelerator.num_processes == 1:
-        return
-    sums = torch.stack([adaptation.checksum("student"), adaptation.checksum("teacher")]).double().to(accelerator.device)
-    gathered = accelerator.gather(sums[None]).view(accelerator.num_processes, 2)
-    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
-        raise RuntimeError(f"ranks disagree on the weights (checksums per rank {gathered.tolist()}): please report this.")
-    logger.info("student and teacher identical on all %d ranks", accelerator.num_processes)
+    """Every rank must end with the same whole student and teacher, and none may be empty or missing elements: the
+    fingerprints of the gathered weights are compared across ranks and their element counts with the model's."""
+    prints = torch.stack([adaptation.fingerprint("student"), adaptation.fingerprint("teacher")]).to(accelerator.device)
+    gathered = accelerator.gather(prints[None]).view(accelerator.num_processes, 2, 3).cpu()
+    expected = torch.tensor([adaptation.expected_numel("student"), adaptation.expected_numel("teacher")], dtype=torch.float64)
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)) or not torch.equal(gathered[0, :, 0], expected):
+        raise RuntimeError(f"ranks disagree on the weights or hold incomplete ones (elements, sum, sum of squares per rank "
+                           f"and role: {gathered.tolist()}; expected elements {expected.tolist()}): please report this.")
+    if accelerator.num_processes > 1:
+        logger.info("student and teacher identical on all %d ranks", accelerator.num_processes)
 
 
 def preview_teacher(run: Run):
@@ -354,21 +361,20 @@ def train(args, family_cls, adaptation_cls):
             preview_teacher(run)
         return
 
-    if accelerator.state.deepspeed_plugin is not None:
-        # No dataloader goes through prepare(), so DeepSpeed is told the micro-batch size here.
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.train_batch_size
-    optimizer = make_optimizer(args, adaptation.trainable_parameters(), engine_owns_step=accelerator.state.deepspeed_plugin is not None)
+    engine = run.engine
+    optimizer = make_optimizer(args, adaptation.trainable_parameters(), engine_owns_step=engine.owns_gradient_clipping)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(run.transformer, optimizer, lr_scheduler)
-    adaptation.use_prepared(model)
+    adaptation.use_prepared(model, engine)
+    report(engine, **adaptation.parameter_groups())
     batches = BucketBatches(run.examples, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
     noise_generator = torch.Generator(run.device).manual_seed(args.seed * 1000 + accelerator.process_index)
 
     step = 0
     resume = resolve_resume(args)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        accelerator.load_state(str(resume), **engine.load_state_kwargs(adaptation.frozen_base))
         state = json.loads((resume / "training_state.json").read_text())
         step = state["step"]
         batches.load_state_dict(state["batches"][accelerator.process_index])
@@ -410,15 +416,16 @@ def train(args, family_cls, adaptation_cls):
             progress.close()
             raise UserError(f"the loss is {loss} at step {step + 1}: training stopped, the last good checkpoint is kept; "
                             "lower --learning_rate (or --max_grad_norm) and resume.")
-        grad_norm = accelerator.clip_grad_norm_(adaptation.trainable_parameters(), args.max_grad_norm)
+        clipped = accelerator.clip_grad_norm_(adaptation.trainable_parameters(), args.max_grad_norm)
         optimizer.step()
+        grad_norm = engine.grad_norm(model, clipped)  # DeepSpeed clips inside its engine and knows the norm after its step
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         adaptation.update_teacher()
         step += 1
 
         logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}
-        if grad_norm is not None:  # DeepSpeed clips inside its engine
+        if grad_norm is not None:
             logs["grad_norm"] = float(grad_norm)
         logs.update({f"loss_state_{k}": float(v) for k, v in enumerate(per_state)} if args.method == "dopsd" else {})
         progress.update(1)
@@ -435,7 +442,7 @@ def train(args, family_cls, adaptation_cls):
                 "batches": accelerator.gather_for_metrics([batches.state_dict()], use_gather_object=True),
                 "noise_generator": accelerator.gather_for_metrics([noise_generator.get_state().tolist()], use_gather_object=True),
             }
-            save_checkpoint(accelerator, args, step, state)
+            save_checkpoint(accelerator, args, step, state, **engine.save_state_kwargs(adaptation.frozen_base))
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps and accelerator.is_main_process:
             run.validate(step)
 

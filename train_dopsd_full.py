@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dopsd_args import build_parser, finalize_args, run_main
+from dopsd_args import UserError, build_parser, finalize_args, run_main
 from dopsd_training import ema_update, logger, train
 from pipeline_dopsd import weights_dtype
 
@@ -48,59 +48,37 @@ def parse_args(argv=None):
     return args, family
 
 
-@contextlib.contextmanager
-def full_parameters(accelerator, model):
-    """The student's full (unsharded) parameters, in the order of `named_parameters` of the unwrapped model.
-
-    Plain data parallel and ZeRO-2 replicate parameters, so they are used as they are. ZeRO-3 and FSDP shard them:
-    they are gathered for the duration (so the EMA teacher is a full replica on every rank, updated identically).
-    """
-    from accelerate.utils import DistributedType
-
-    unwrapped = accelerator.unwrap_model(model)
-    params = list(unwrapped.parameters())
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield params
-    elif kind == DistributedType.FSDP:
-        if hasattr(params[0], "full_tensor"):  # FSDP2: DTensor parameters
-            yield [p.full_tensor() for p in params]
-        else:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            with FSDP.summon_full_params(model, writeback=False):
-                yield list(unwrapped.parameters())
-    else:
-        yield params
-
-
 class FullAdaptation:
-    """The student is the transformer itself; the teacher is an EMA weight copy of it."""
+    """The student is the transformer itself; the teacher is an EMA weight copy of it, held the way the engine holds
+    the student (a replica under data parallel and ZeRO-1/2, sharded like it under ZeRO-3 and FSDP2)."""
 
     kind = "full"
+    frozen_base = False
 
     @staticmethod
     def transformer_load_kwargs(args, weight_dtype) -> dict:
         return {}
 
+    @staticmethod
+    def check_engine(args, engine):
+        if args.ema_device == "cpu" and engine.shards_parameters:
+            raise UserError(f"--ema_device cpu streams a whole teacher replica, but under {engine.name} the teacher is "
+                            "sharded like the student already: drop --ema_device cpu.")
+
     def __init__(self, args, family, transformer, accelerator, weight_dtype):
         self.args, self.family, self.accelerator = args, family, accelerator
         # Trained weights stay fp32 (mixed precision computes in bf16 under autocast); frozen copies may be smaller.
         self.transformer = transformer.to(torch.float32).requires_grad_(True)
+        self.transformer_class = type(transformer)  # FSDP2 swaps the class of the module it shards
         self.model = transformer  # the prepared (possibly wrapped or sharded) model, once accelerate has it
         self.student_dtype = torch.float32  # asked once (see use_prepared): the rollout needs it at every state
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+        self.numel = sum(p.numel() for p in transformer.parameters())
         self.teacher = None
         if args.method == "dopsd":
             self.teacher = copy.deepcopy(transformer).to(EMA_DTYPES[args.ema_dtype]).requires_grad_(False).eval()
-            self.teacher_dtype = weights_dtype(self.teacher)
-            if args.ema_device == "cpu":
-                self.teacher.to("cpu")
-                self.teacher.enable_group_offload(onload_device=accelerator.device, offload_device=torch.device("cpu"),
-                                                  offload_type="block_level", num_blocks_per_group=1)
-        logger.info("full fine-tuning: %.1fM trainable parameters; EMA teacher %s on %s", sum(p.numel() for p in transformer.parameters()) / 1e6,
+            self.teacher_dtype = EMA_DTYPES[args.ema_dtype]
+        logger.info("full fine-tuning: %.1fM trainable parameters; EMA teacher %s on %s", self.numel / 1e6,
                     args.ema_dtype if self.teacher is not None else "none (sft)", args.ema_device)
 
     def trainable_parameters(self):
@@ -113,20 +91,35 @@ class FullAdaptation:
         # Only called before the first optimizer step (the base column is generated once and kept on disk).
         return contextlib.nullcontext()
 
-    def use_prepared(self, model):
-        self.model = model
+    def use_prepared(self, model, engine):
+        self.model, self.engine = model, engine
+        self.student_module = self.accelerator.unwrap_model(model)
         self.student_dtype = weights_dtype(model)  # an engine may have cast the weights (DeepSpeed's bf16 mode does)
+        if self.teacher is not None:
+            if self.args.ema_device == "cpu":
+                self.teacher.to("cpu")
+                self.teacher.enable_group_offload(onload_device=self.accelerator.device, offload_device=torch.device("cpu"),
+                                                  offload_type="block_level", num_blocks_per_group=1)
+            else:
+                self.teacher = engine.prepare_teacher(self.teacher, self.teacher_dtype)
         self.register_checkpoint_hooks()
+
+    def parameter_groups(self) -> dict:
+        groups = {"student": list(self.student_module.parameters())}
+        if self.teacher is not None:
+            groups["teacher"] = list(self.teacher.parameters())
+        return groups
 
     def student_velocity(self, model, x, sigma, condition):
         return self.family.velocity(model, x, sigma, condition, dtype=self.student_dtype)
 
     def _teacher_autocast(self):
-        # The teacher copy was made before accelerate wrapped the student's forward in autocast, and may be bf16
-        # while the conditions are not: compute it under autocast of its own dtype (or accelerate's).
-        if self.teacher_dtype != torch.float32:
-            return torch.autocast(self.accelerator.device.type, dtype=self.teacher_dtype)
-        return self.accelerator.autocast()
+        # The student computes in the mixed-precision dtype (under DeepSpeed its weights are cast and
+        # accelerator.autocast() does nothing); the teacher, kept in its own precision, computes in the same dtype.
+        dtype = self.compute_dtype or (self.teacher_dtype if self.teacher_dtype != torch.float32 else None)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.accelerator.device.type, dtype=dtype)
 
     @torch.no_grad()
     def teacher_velocity(self, x, sigma, condition):
@@ -141,43 +134,83 @@ class FullAdaptation:
             return self.family.sample(self.teacher, condition, noise, sigmas)
 
     def update_teacher(self):
+        """teacher <- d * teacher + (1 - d) * student on each rank's own part, from the student's fp32 masters."""
         if self.teacher is None:
             return
-        with full_parameters(self.accelerator, self.model) as student:
-            ema_update(list(self.teacher.parameters()), student, self.args.ema_decay)
+        engine, teacher = self.engine, list(self.teacher.parameters())
+        ema_update([engine.local(t) for t in teacher], [engine.master(s) for s in self.student_module.parameters()],
+                   self.args.ema_decay)
+        engine.refresh(teacher)
 
-    def checksum(self, role: str) -> torch.Tensor:
-        if role == "teacher" and self.teacher is None:
-            return torch.zeros((), dtype=torch.float64)
-        with full_parameters(self.accelerator, self.model) as student:
-            params = student if role == "student" else list(self.teacher.parameters())
-            return sum((p.detach().double().sum().cpu() for p in params), torch.zeros((), dtype=torch.float64))
+    def fingerprint(self, role: str) -> torch.Tensor:
+        """Of the whole weights, gathered one tensor at a time (collective)."""
+        from dopsd_training import fingerprint
+
+        module = self.student_module if role == "student" else self.teacher
+        if module is None:
+            return fingerprint([])
+        return fingerprint(self.engine.full(p, self.engine.master(p) if role == "student" else None) for p in module.parameters())
+
+    def expected_numel(self, role: str) -> int:
+        return self.numel if role == "student" or self.teacher is not None else 0
 
     # -- saving -----------------------------------------------------------------------------------------------------------
+    def _save_model(self, module, directory):
+        """`module` in diffusers format under `directory`, from whole tensors gathered one at a time (collective)."""
+        state = self.engine.full_state_dict(module)
+        if self.accelerator.is_main_process:
+            save_diffusers_model(self.transformer_class, self.student_module.config, state, directory, self.args.max_shard_size)
+
     def register_checkpoint_hooks(self):
         """checkpoint-N holds the student (through accelerate, sharded engines included), the optimizer and RNG
-        state, and the EMA teacher in diffusers format under teacher/ (written by the main process)."""
+        state, and the EMA teacher in diffusers format under teacher/."""
 
         def save_hook(models, weights, output_dir):
-            if self.teacher is not None and self.accelerator.is_main_process:
-                self.teacher.save_pretrained(Path(output_dir) / "teacher", max_shard_size=self.args.max_shard_size)
+            if self.teacher is not None:
+                self._save_model(self.teacher, Path(output_dir) / "teacher")
 
         def load_hook(models, input_dir):
             if self.teacher is not None:
-                saved = type(self.teacher).from_pretrained(Path(input_dir) / "teacher", torch_dtype=EMA_DTYPES[self.args.ema_dtype])
-                with torch.no_grad():
-                    for mine, theirs in zip(self.teacher.parameters(), saved.parameters()):
-                        mine.copy_(theirs)
+                load_parts(self.engine, self.teacher, Path(input_dir) / "teacher")
 
         self.accelerator.register_save_state_pre_hook(save_hook)
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def save_final(self, output_dir):
-        state = self.accelerator.get_state_dict(self.model)  # collective under sharded engines
+        self._save_model(self.student_module, Path(output_dir) / "transformer")
         if self.accelerator.is_main_process:
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            unwrapped.save_pretrained(Path(output_dir) / "transformer", state_dict=state, max_shard_size=self.args.max_shard_size)
             logger.info("saved the fine-tuned transformer to %s/transformer", output_dir)
+
+
+def save_diffusers_model(model_class, config, state: dict, directory, max_shard_size):
+    """A diffusers model folder (config.json with the real class name, sharded safetensors) from a whole state dict:
+    the tensors are assigned to a skeleton built on the meta device, so nothing is copied again."""
+    with torch.device("meta"):
+        skeleton = model_class.from_config(config)
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    skeleton.save_pretrained(directory, max_shard_size=max_shard_size)
+
+
+@torch.no_grad()
+def load_parts(engine, module, directory: Path):
+    """Each rank's part of every tensor of a diffusers model folder, read one tensor at a time."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    where = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where.update({key: file for key in f.keys()})
+    params = dict(module.named_parameters())
+    missing = sorted(set(params) - set(where))
+    if missing:
+        raise UserError(f"{directory} lacks {len(missing)} teacher weights (e.g. {missing[0]}): resume from a complete checkpoint.")
+    for name, p in params.items():
+        with safe_open(str(where[name]), framework="pt") as f:
+            whole = f.get_tensor(name)
+        local = engine.local(p)
+        local.copy_(engine.part_of(p, whole.to(local.device, local.dtype)).view_as(local))
+    engine.refresh(list(params.values()))
 
 
 def main(argv=None):

@@ -17,10 +17,11 @@ import contextlib
 import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from dopsd_args import UserError, build_parser, finalize_args, run_main
+from dopsd_engines import Engine
 from dopsd_training import ema_update, logger, train
 from pipeline_dopsd import weights_dtype
 
@@ -97,6 +98,7 @@ class LoraAdaptation:
     under no_grad, and the student is active whenever a forward builds a graph or backward recomputes one."""
 
     kind = "lora"
+    frozen_base = True
 
     @staticmethod
     def transformer_load_kwargs(args, weight_dtype) -> dict:
@@ -109,6 +111,12 @@ class LoraAdaptation:
         if config.get("load_in_4bit"):
             config = {"bnb_4bit_compute_dtype": weight_dtype, **config}
         return {"quantization_config": BitsAndBytesConfig(**config)}
+
+    @staticmethod
+    def check_engine(args, engine):
+        if getattr(args, "quantization_config", None) is not None and engine.shards_parameters:
+            raise UserError(f"a bitsandbytes-quantized base cannot be sharded by {engine.name}: use data parallel or "
+                            "DeepSpeed ZeRO-1/2 with --bnb_quantization_config_path.")
 
     def __init__(self, args, family, transformer, accelerator, weight_dtype):
         self.args, self.family, self.transformer, self.accelerator = args, family, transformer, accelerator
@@ -134,6 +142,8 @@ class LoraAdaptation:
             for teacher, student in zip(self.teacher_params, self.student_params):
                 teacher.copy_(student)
         self.lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        self.engine, self.teacher_shadow = Engine(accelerator), None  # until use_prepared says which engine holds the weights
+        self.numel = sum(p.numel() for p in self.student_params)
         self.dtype = weights_dtype(transformer)  # asked once (see use_prepared): the rollout needs it twice per state
         self._activate(STUDENT)
         self._freeze_teacher()
@@ -192,69 +202,124 @@ class LoraAdaptation:
         finally:
             self._activate(STUDENT)
 
-    def update_teacher(self):
-        ema_update(self.teacher_params, self.student_params, self.args.ema_decay)
+    def fingerprint(self, role: str) -> torch.Tensor:
+        """Of the whole adapter (the teacher's fp32 EMA), gathered one tensor at a time (collective)."""
+        from dopsd_training import fingerprint
 
-    def checksum(self, role: str) -> torch.Tensor:
-        params = self.student_params if role == "student" else self.teacher_params
-        return sum((p.detach().double().sum() for p in params), torch.zeros((), dtype=torch.float64))
+        return fingerprint(self.engine.full(p, part) for p, part in self._parts(role))
+
+    def expected_numel(self, role: str) -> int:
+        return self.numel if role == "student" or self.teacher_params else 0
+
+    def parameter_groups(self) -> dict:
+        return {"student": self.student_params, **({"teacher": self.teacher_params} if self.teacher_params else {})}
+
+    def _parts(self, role: str):
+        """(parameter, this rank's part of its fp32 value) for one adapter: the student's optimizer masters, the
+        teacher's EMA state (its fp32 shadow where the engine cast the module)."""
+        if role == "student":
+            return [(p, self.engine.master(p)) for p in self.student_params]
+        shadow = self.teacher_shadow or [self.engine.local(p) for p in self.teacher_params]
+        return list(zip(self.teacher_params, shadow))
+
+    def update_teacher(self):
+        """teacher <- d * teacher + (1 - d) * student on each rank's own part, from the student's fp32 masters."""
+        engine = self.engine
+        state = [part for _, part in self._parts("teacher")]
+        ema_update(state, [engine.master(p) for p in self.student_params], self.args.ema_decay)
+        if self.teacher_shadow is not None:
+            for p, shadow in zip(self.teacher_params, self.teacher_shadow):
+                engine.local(p).copy_(shadow)
+        engine.refresh(self.teacher_params)
+
+    def use_prepared(self, model, engine):
+        self.engine = engine
+        self.dtype = weights_dtype(model)  # an engine may have cast the weights (DeepSpeed's bf16 mode does)
+        # FSDP2 replaces the parameters by sharded ones: take them again from the module.
+        params = dict(self.transformer.named_parameters())
+        self.student_params = [p for n, p in params.items() if f".{STUDENT}." in n]
+        self.teacher_params = [params[n.replace(f".{STUDENT}.", f".{TEACHER}.")] for n in params if f".{STUDENT}." in n] if self.teacher_params else []
+        self._names = {id(p): n for n, p in params.items()}
+        # DeepSpeed's bf16 mode casts the whole module, the teacher adapter included: its EMA then accumulates in an
+        # fp32 copy of this rank's part (a bf16 EMA rounds most updates of decay 0.9999 away), copied in after each update.
+        if any(engine.local(p).dtype != torch.float32 for p in self.teacher_params):
+            self.teacher_shadow = [engine.master(p).clone() for p in self.student_params]
+        self.register_checkpoint_hooks()
 
     # -- saving -----------------------------------------------------------------------------------------------------------
-    def _save_adapter(self, directory, adapter, weight_name):
-        type(self.family.pipe).save_lora_weights(
-            directory, transformer_lora_layers=get_peft_model_state_dict(self.transformer, adapter_name=adapter),
-            transformer_lora_adapter_metadata=self.config.to_dict(), weight_name=weight_name,
-        )
+    def _adapter_state(self, role: str) -> dict[str, torch.Tensor]:
+        """The adapter's whole fp32 weights under peft's keys, on the main process (collective)."""
+        parts = {self._names[id(p)]: part for p, part in self._parts(role)}
+        adapter = STUDENT if role == "student" else TEACHER
+        state = self.engine.full_state_dict(self.transformer, parts, keep=lambda name: name in parts)
+        return get_peft_model_state_dict(self.transformer, state_dict=state, adapter_name=adapter) if state else {}
 
-    def _load_adapter(self, directory, adapter, weight_name):
+    def _save_adapter(self, directory, role, weight_name):
+        state = self._adapter_state(role)
+        if self.accelerator.is_main_process:
+            type(self.family.pipe).save_lora_weights(
+                directory, transformer_lora_layers=state, transformer_lora_adapter_metadata=self.config.to_dict(),
+                weight_name=weight_name,
+            )
+
+    @torch.no_grad()
+    def _load_adapter(self, directory, role, weight_name):
         state = type(self.family.pipe).lora_state_dict(directory, weight_name=weight_name)
         state = state[0] if isinstance(state, tuple) else state
         state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        incompatible = set_peft_model_state_dict(self.transformer, state, adapter_name=adapter)
-        if getattr(incompatible, "unexpected_keys", None):
-            raise UserError(f"checkpoint {directory} does not match this LoRA configuration (unexpected {incompatible.unexpected_keys[0]}).")
-
-    def use_prepared(self, model):
-        self.dtype = weights_dtype(model)  # an engine may have cast the weights (DeepSpeed's bf16 mode does)
-        self.register_checkpoint_hooks()
+        adapter = STUDENT if role == "student" else TEACHER
+        for p, part in self._parts(role):
+            module, _, leaf = self._names[id(p)].rpartition(f".{adapter}.")
+            key = f"{module}.{leaf}"
+            if key not in state:
+                raise UserError(f"checkpoint {directory} does not match this LoRA configuration (no {key}).")
+            whole = state.pop(key)
+            part.copy_(self.engine.part_of(p, whole.to(part.device, part.dtype)).view_as(part))
+            if role == "teacher" and self.teacher_shadow is not None:
+                self.engine.local(p).copy_(part)
+        if state:
+            raise UserError(f"checkpoint {directory} does not match this LoRA configuration (unexpected {next(iter(state))}).")
+        self.engine.refresh([p for p, _ in self._parts(role)])
 
     def register_checkpoint_hooks(self):
-        """checkpoint-N holds both adapters in diffusers format (the student loads like a final LoRA) plus accelerate's
-        optimizer, scheduler and RNG state; the frozen base is never written."""
+        """checkpoint-N holds both adapters in diffusers format (the student loads like a final LoRA, the teacher holds
+        its fp32 EMA) plus accelerate's optimizer, scheduler and RNG state. The frozen base is never written under data
+        parallel and DeepSpeed; FSDP's own checkpoint writes the whole sharded model."""
         unwrapped = self.accelerator.unwrap_model
+        engine_saves_model = self.engine.name != "data parallel"
 
         def save_hook(models, weights, output_dir):
-            if self.accelerator.is_main_process:
-                self._save_adapter(output_dir, STUDENT, "pytorch_lora_weights.safetensors")
-                if self.teacher_params:
-                    self._save_adapter(output_dir, TEACHER, "teacher_lora_weights.safetensors")
-            for i in reversed(range(len(models))):
+            self._save_adapter(output_dir, "student", "pytorch_lora_weights.safetensors")
+            if self.teacher_params:
+                self._save_adapter(output_dir, "teacher", "teacher_lora_weights.safetensors")
+            # `models` is accelerate's own list: leave it alone. Under data parallel `weights` holds what accelerate is
+            # about to write, the frozen base included: keep that out.
+            for i in reversed(range(len(weights))):
                 if unwrapped(models[i]) is self.transformer:
-                    models.pop(i)
-                    if weights:
-                        weights.pop(i)
+                    weights.pop(i)
 
         def load_hook(models, input_dir):
-            for i in reversed(range(len(models))):
+            for i in reversed(range(len(models))):  # a list of its own, made for the hooks
                 if unwrapped(models[i]) is self.transformer:
                     models.pop(i)
-            self._load_adapter(input_dir, STUDENT, "pytorch_lora_weights.safetensors")
+            if not engine_saves_model:  # DeepSpeed and FSDP restored the student (and its fp32 masters) themselves
+                self._load_adapter(input_dir, "student", "pytorch_lora_weights.safetensors")
             if self.teacher_params:
-                self._load_adapter(input_dir, TEACHER, "teacher_lora_weights.safetensors")
+                self._load_adapter(input_dir, "teacher", "teacher_lora_weights.safetensors")
             self._activate(STUDENT)
 
         self.accelerator.register_save_state_pre_hook(save_hook)
         self.accelerator.register_load_state_pre_hook(load_hook)
 
     def save_final(self, output_dir):
-        if not self.accelerator.is_main_process:
-            return
         if self.args.lora_format == "comfyui":
-            state = {f"transformer.{k}": v.contiguous() for k, v in get_peft_model_state_dict(self.transformer, adapter_name=STUDENT).items()}
-            save_file(self.family.comfyui_lora(state, self.args.lora_alpha / self.args.rank),
-                      str(output_dir / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
+            state = self._adapter_state("student")
+            if self.accelerator.is_main_process:
+                state = {f"transformer.{k}": v.contiguous() for k, v in state.items()}
+                save_file(self.family.comfyui_lora(state, self.args.lora_alpha / self.args.rank),
+                          str(output_dir / "pytorch_lora_weights.safetensors"), metadata={"format": "pt"})
         else:
-            self._save_adapter(output_dir, STUDENT, "pytorch_lora_weights.safetensors")
+            self._save_adapter(output_dir, "student", "pytorch_lora_weights.safetensors")
         logger.info("saved the student LoRA (%s keys) to %s/pytorch_lora_weights.safetensors", self.args.lora_format, output_dir)
 
 

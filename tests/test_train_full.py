@@ -79,12 +79,15 @@ def test_two_ranks_end_identical_with_one_output(data, tmp_path):
 
 def test_teacher_is_a_frozen_copy_that_follows_the_student_by_ema(klein):
     from accelerate import Accelerator
+    from dopsd_engines import engine_for
     from train_dopsd_full import FullAdaptation
 
     args = argparse.Namespace(method="dopsd", ema_dtype="fp32", ema_device="accelerator", ema_decay=0.75, learning_rate=1e-2,
                               adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8, use_8bit_adam=False)
     family = Flux2KleinFamily(klein)
-    adaptation = FullAdaptation(args, family, klein.transformer, Accelerator(cpu=True), torch.float32)
+    accelerator = Accelerator(cpu=True)
+    adaptation = FullAdaptation(args, family, klein.transformer, accelerator, torch.float32)
+    adaptation.use_prepared(klein.transformer, engine_for(accelerator))
     assert not any(p.requires_grad for p in adaptation.teacher.parameters())
     condition = family.collate(family.encode_student(["a cat"]), "cpu")
     noise = family.initial_noise(1, 64, 64, torch.Generator().manual_seed(0))
