@@ -95,6 +95,13 @@ class Engine:
     def refresh(self, params: list[torch.Tensor]):
         pass
 
+    def named_parameters(self, module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """The module's parameters as the engine holds them between steps (what the five questions are asked of)."""
+        return list(module.named_parameters())
+
+    def parameters(self, module: torch.nn.Module) -> list[torch.Tensor]:
+        return [p for _, p in self.named_parameters(module)]
+
     # -- what the training code asks of the engine ----------------------------------------------------------------------
     def prepare_teacher(self, teacher: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         """A frozen copy of the student held the way the student is (here: a full replica on the device)."""
@@ -107,7 +114,7 @@ class Engine:
         Collective: every rank must call it."""
         main = self.accelerator.is_main_process
         state = {}
-        for name, p in module.named_parameters():
+        for name, p in self.named_parameters(module):
             if not keep(name):
                 continue
             part = parts[name] if parts is not None and name in parts else (self.master(p) if p.requires_grad else None)
@@ -189,10 +196,11 @@ class DeepSpeedZero3(DeepSpeedZero12):
     def local(self, p):
         return p.ds_tensor.detach()[: p.partition_numel()]
 
+    @torch.no_grad()
     def full(self, p, part=None):
         import torch.distributed as dist
 
-        part = self.local(p) if part is None else part
+        part = (self.local(p) if part is None else part).detach()
         group = p.ds_process_group if getattr(p, "ds_process_group", None) is not None else None
         world = dist.get_world_size(group=group)
         gathered = torch.empty(world * part.numel(), dtype=part.dtype, device=part.device)
@@ -239,10 +247,19 @@ class DeepSpeedZero3(DeepSpeedZero12):
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
         return engine.module.eval()
 
+    @contextlib.contextmanager
     def zero3_init_disabled(self):
-        # accelerate registers transformers' HfDeepSpeedConfig for ZeRO-3, which makes every from_pretrained build
-        # partitioned: the frozen encoders must load whole.
-        return self.accelerator.state.deepspeed_plugin.zero3_init_context_manager(enable=False)
+        """Models built inside load whole. accelerate registers transformers' HfDeepSpeedConfig for every ZeRO-3 plugin
+        (whatever zero3_init_flag says), and transformers then builds every from_pretrained model partitioned: the
+        frozen encoders and the teacher's VLM must not be."""
+        import transformers.integrations.deepspeed as hf_deepspeed
+
+        registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+        hf_deepspeed.unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 class Fsdp2(Engine):
@@ -256,6 +273,17 @@ class Fsdp2(Engine):
 
     master = local
 
+    def named_parameters(self, module):
+        # FSDP2 never reshards the root module after a forward without backward (the teacher's, a validation's): its
+        # parameters stay registered as plain unsharded tensors until resharded here.
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+        return list(module.named_parameters())
+
+    @torch.no_grad()
     def full(self, p, part=None):
         from torch.distributed.tensor import DTensor
 

@@ -105,9 +105,9 @@ class FullAdaptation:
         self.register_checkpoint_hooks()
 
     def parameter_groups(self) -> dict:
-        groups = {"student": list(self.student_module.parameters())}
+        groups = {"student": self.engine.parameters(self.student_module)}
         if self.teacher is not None:
-            groups["teacher"] = list(self.teacher.parameters())
+            groups["teacher"] = self.engine.parameters(self.teacher)
         return groups
 
     def student_velocity(self, model, x, sigma, condition):
@@ -137,8 +137,8 @@ class FullAdaptation:
         """teacher <- d * teacher + (1 - d) * student on each rank's own part, from the student's fp32 masters."""
         if self.teacher is None:
             return
-        engine, teacher = self.engine, list(self.teacher.parameters())
-        ema_update([engine.local(t) for t in teacher], [engine.master(s) for s in self.student_module.parameters()],
+        engine, teacher = self.engine, self.engine.parameters(self.teacher)
+        ema_update([engine.local(t) for t in teacher], [engine.master(s) for s in engine.parameters(self.student_module)],
                    self.args.ema_decay)
         engine.refresh(teacher)
 
@@ -149,7 +149,8 @@ class FullAdaptation:
         module = self.student_module if role == "student" else self.teacher
         if module is None:
             return fingerprint([])
-        return fingerprint(self.engine.full(p, self.engine.master(p) if role == "student" else None) for p in module.parameters())
+        return fingerprint(self.engine.full(p, self.engine.master(p) if role == "student" else None)
+                           for p in self.engine.parameters(module))
 
     def expected_numel(self, role: str) -> int:
         return self.numel if role == "student" or self.teacher is not None else 0
@@ -201,7 +202,7 @@ def load_parts(engine, module, directory: Path):
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             where.update({key: file for key in f.keys()})
-    params = dict(module.named_parameters())
+    params = dict(engine.named_parameters(module))
     missing = sorted(set(params) - set(where))
     if missing:
         raise UserError(f"{directory} lacks {len(missing)} teacher weights (e.g. {missing[0]}): resume from a complete checkpoint.")

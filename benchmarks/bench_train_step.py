@@ -303,6 +303,7 @@ def lora_args(spec: ModelSpec, method: str) -> argparse.Namespace:
 def measure(config: Config) -> dict:
     from accelerate import Accelerator
 
+    from dopsd_engines import engine_for
     from dopsd_training import distillation_loss, dopsd_step, make_optimizer, rollout_sigmas, sample_sft_sigmas, sft_step
     from train_dopsd_lora import STUDENT, TEACHER, LoraAdaptation
 
@@ -326,7 +327,7 @@ def measure(config: Config) -> dict:
                               gradient_accumulation_steps=rollout_steps if per_state else 1)
     adaptation = LoraAdaptation(args, family, transformer, accelerator, weight_dtype=dtype)
     model, optimizer = accelerator.prepare(transformer, make_optimizer(args, adaptation.trainable_parameters()))
-    adaptation.use_prepared(model)
+    adaptation.use_prepared(model, engine_for(accelerator))
     student = lambda x, sigma: adaptation.student_velocity(model, x, sigma, student_condition)
     teacher = lambda x, sigma: adaptation.teacher_velocity(x, sigma, teacher_condition)
     generator = torch.Generator(dev).manual_seed(1)
