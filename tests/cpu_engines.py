@@ -9,9 +9,10 @@ once accelerate accepts MULTI_CPU for these engines.
 
     python tests/cpu_engines.py CASES.json RESULTS_DIR
 
-runs each case of CASES.json (a list of {"name", "script", "config", "argv", "env"?, "processes"?}) as its own fresh
-group of processes, forked from one parent that has imported the libraries once (a case then starts in a fraction of
-a second instead of the ten seconds of a new interpreter, and no engine's global state leaks into the next case).
+runs each case of CASES.json (a list of {"name", "script", "config", "argv", "env"?, "processes"?, "slow_save_rank"?})
+as its own fresh group of processes, forked from one parent that has imported the libraries once (a case then starts
+in a fraction of a second instead of the ten seconds of a new interpreter, and no engine's global state leaks into the
+next case).
 Each rank gets the environment `accelerate launch --config_file CONFIG` would give it (computed by accelerate's own
 launch code) and writes RESULTS_DIR/<name>.rank<k>.json: whether it ended normally, its error, the engine that
 really ran and the parameter bytes each rank held; its output goes to RESULTS_DIR/<name>.rank<k>.log.
@@ -74,10 +75,33 @@ def force_engines_on_cpu():
 
     init.forces_engines_on_cpu = True
     accelerate.Accelerator.__init__ = init
+    # DeepSpeed's CPU accelerator would first compile its shared-memory all-reduce (about 45 s): gloo does the same job.
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # (the attribute `deepspeed.comm.torch` is torch)
+
+
+def slow_down_saves(seconds: float = 1.0):
+    """This rank finishes its part of every checkpoint `seconds` after the others, and leaves a mark in the folder it
+    wrote into: a checkpoint renamed before every rank is done loses the mark, or fails this rank."""
+    import accelerate
+
+    original = accelerate.Accelerator.save_state
+
+    def save_state(self, output_dir=None, **kwargs):
+        saved = original(self, output_dir, **kwargs)
+        time.sleep(seconds)
+        (Path(output_dir) / f"slow_rank_{self.process_index}_was_here").write_text("")
+        return saved
+
+    accelerate.Accelerator.save_state = save_state
 
 
 def run_case(case: dict, results: Path, rank: int):
     import importlib
+
+    if case.get("slow_save_rank") == rank:
+        slow_down_saves()
 
     record = {"name": case["name"], "ok": True, "error": None}
     started = time.perf_counter()
