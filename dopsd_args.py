@@ -17,16 +17,24 @@ REFERENCE_BUCKETS = "1024,1024;896,1152;1152,896;864,1152;1152,864;832,1248;1248
 
 
 class UserError(Exception):
-    """A problem with the user's input: the message names it and the fix. Scripts print it on one line and exit 2."""
+    """A problem with the user's input or an expected fault: the message names it and the fix. Scripts print it on one
+    line and exit with `exit_code` (2; 130 for an interruption)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def run_main(main):
-    """Run a training script's main, turning a UserError into one line on stderr and exit status 2."""
+    """Run a script's main, turning a UserError (or Ctrl-C before training) into one line on stderr and its exit status."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted before training began; nothing to resume.", file=sys.stderr)
+        sys.exit(130)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -108,7 +116,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                         help="teacher <- d * teacher + (1 - d) * student after every optimizer step; 1.0 freezes it.")
 
     train = p.add_argument_group("training")
-    train.add_argument("--output_dir", default="dopsd-output", help="Where the weights, checkpoints and logs go.")
+    train.add_argument("--output_dir", default="dopsd-output",
+                       help="Where the weights, checkpoints and logs go; one run per folder (a folder holding an earlier "
+                            "run is refused unless resumed or --overwrite_output_dir), locked while the run lives.")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="Start afresh in an --output_dir that holds an earlier run: its weights, checkpoints, logs and "
+                            "samples are deleted first.")
     train.add_argument("--seed", type=int, default=0, help="Seed of data order, noise and initialisation.")
     train.add_argument("--train_batch_size", type=int, default=1, help="Batch size per device.")
     train.add_argument("--max_train_steps", type=int, default=None,

@@ -318,14 +318,15 @@ def configure_deepspeed(accelerator, args):
     config["train_micro_batch_size_per_gpu"] = args.train_batch_size
 
 
-def held_bytes(engine: Engine, params) -> tuple[int, int]:
-    """(bytes this rank holds, bytes of the whole tensors) of some parameters."""
-    held = whole = 0
+def held_bytes(engine: Engine, params) -> tuple[int, int, int]:
+    """(bytes this rank holds, bytes of the whole tensors, bytes of the largest whole tensor) of some parameters: the
+    last is the most a rank gathers at once when it saves or checks the weights."""
+    held = whole = largest = 0
     for p in params:
         part = engine.local(p)
-        held += part.numel() * part.element_size()
-        whole += p.numel() * p.element_size() if not hasattr(p, "ds_numel") else p.ds_numel * part.element_size()
-    return held, whole
+        size = p.numel() * p.element_size() if not hasattr(p, "ds_numel") else p.ds_numel * part.element_size()
+        held, whole, largest = held + part.numel() * part.element_size(), whole + size, max(largest, size)
+    return held, whole, largest
 
 
 def report(engine: Engine, **groups):
@@ -334,7 +335,8 @@ def report(engine: Engine, **groups):
     _REPORT.update(engine=engine.name, processes=engine.accelerator.num_processes)
     lines = []
     for name, params in groups.items():
-        held, whole = held_bytes(engine, params)
-        _REPORT[f"{name}_bytes"], _REPORT[f"{name}_whole_bytes"] = held, whole
+        held, whole, largest = held_bytes(engine, params)
+        _REPORT.update({f"{name}_bytes": held, f"{name}_whole_bytes": whole, f"{name}_largest_bytes": largest})
         lines.append(f"{name} {held / 2**20:.1f} of {whole / 2**20:.1f} MiB")
-    logger.info("engine: %s; parameters held by this rank: %s", engine.describe(), ", ".join(lines))
+    logger.info("engine: %s; parameters held by this rank: %s; saving gathers one whole tensor at a time", engine.describe(),
+                ", ".join(lines))

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from PIL import Image
 from dopsd_args import UserError
 from dopsd_engines import engine_for, report
 from dopsd_data import BucketBatches, ConditionCache, Example, caption_of, collect_raw_examples, load_examples
-from dopsd_outputs import (forget_after, make_grid, push_to_hub, resolve_resume, save_args, save_checkpoint, trigger_words,
+from dopsd_outputs import (check_resume_matches, checkpoint_dirs, claim_output_dir, forget_after, make_grid, public_args, push_to_hub,
+                           resolve_resume, save_args, save_checkpoint, save_final_outputs, trigger_words,
                            validation_generator, write_model_card)
 from pipeline_dopsd import ModelFamily, euler_step, rollout_sigmas, x0_from_velocity
 
@@ -326,6 +328,20 @@ def fingerprint(tensors) -> torch.Tensor:
     return total
 
 
+def diverged(what: str, step: int) -> UserError:
+    return UserError(f"{what} at step {step}: training stopped before it reached the weights, the last checkpoint is "
+                     "kept; lower --learning_rate (or --max_grad_norm) and resume with --resume_from_checkpoint latest.")
+
+
+def check_finite(adaptation, step: int, what: str):
+    """Never write non-finite weights: a checkpoint, once written, is one a run can resume from (collective)."""
+    for role in ("student", "teacher"):
+        if not torch.isfinite(adaptation.fingerprint(role)).all():
+            raise UserError(f"the {role} weights are not finite at step {step}, so {what} was not written: the last "
+                            "checkpoint is kept; lower --learning_rate (or --max_grad_norm) and resume with "
+                            "--resume_from_checkpoint latest.")
+
+
 def check_ranks_agree(accelerator, adaptation):
     """Every rank must end with the same whole student and teacher, and none may be empty or missing elements: the
     fingerprints of the gathered weights are compared across ranks and their element counts with the model's."""
@@ -347,49 +363,12 @@ def preview_teacher(run: Run):
     logger.info("wrote %s (columns: student, teacher; rows: training prompts x seeds)", path)
 
 
-def train(args, family_cls, adaptation_cls):
-    """Load, cache conditions, then optimise: D-OPSD (or SFT) steps, EMA teacher, checkpoints, validation, save."""
-    from diffusers.optimization import get_scheduler
+def optimize(run: Run, model, optimizer, lr_scheduler, batches, noise_generator, step: int, log_file: Path) -> int:
+    """D-OPSD (or SFT) optimizer steps from `step` to --max_train_steps, with the EMA teacher, logs, checkpoints and
+    validation; returns the last step done."""
     from tqdm.auto import tqdm
 
-    run = Run(args, family_cls, adaptation_cls)
-    accelerator, family, adaptation = run.accelerator, run.family, run.adaptation
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if args.preview_teacher_only:
-        if accelerator.is_main_process:
-            preview_teacher(run)
-        return
-
-    engine = run.engine
-    optimizer = make_optimizer(args, adaptation.trainable_parameters(), engine_owns_step=engine.owns_gradient_clipping)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
-    model, optimizer, lr_scheduler = accelerator.prepare(run.transformer, optimizer, lr_scheduler)
-    adaptation.use_prepared(model, engine)
-    report(engine, **adaptation.parameter_groups())
-    batches = BucketBatches(run.examples, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
-    noise_generator = torch.Generator(run.device).manual_seed(args.seed * 1000 + accelerator.process_index)
-
-    step = 0
-    resume = resolve_resume(args)
-    if resume is not None:
-        accelerator.load_state(str(resume), **engine.load_state_kwargs(adaptation.frozen_base))
-        state = json.loads((resume / "training_state.json").read_text())
-        step = state["step"]
-        batches.load_state_dict(state["batches"][accelerator.process_index])
-        noise_generator.set_state(torch.tensor(state["noise_generator"][accelerator.process_index], dtype=torch.uint8))
-        if accelerator.is_main_process:
-            for log in ("loss_log.jsonl", "validation_log.jsonl"):
-                forget_after(output_dir / log, step)
-        logger.info("resumed from %s at step %d", resume, step)
-
-    if accelerator.is_main_process:
-        save_args(args, output_dir)
-        accelerator.init_trackers("dopsd", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-        if step == 0 and run.validates:
-            run.validate(0)  # the untouched base column, and what the teacher draws before any training
-    log_file = output_dir / "loss_log.jsonl"
+    args, accelerator, family, adaptation, engine = run.args, run.accelerator, run.family, run.adaptation, run.engine
     progress = tqdm(range(args.max_train_steps), initial=step, desc="steps", disable=not accelerator.is_local_main_process)
     while step < args.max_train_steps:
         losses = []
@@ -414,15 +393,20 @@ def train(args, family_cls, adaptation_cls):
         loss = accelerator.gather(per_state.mean()[None]).mean().item()
         if not math.isfinite(loss):
             progress.close()
-            raise UserError(f"the loss is {loss} at step {step + 1}: training stopped, the last good checkpoint is kept; "
-                            "lower --learning_rate (or --max_grad_norm) and resume.")
+            raise diverged(f"the loss is {loss}", step + 1)
         clipped = accelerator.clip_grad_norm_(adaptation.trainable_parameters(), args.max_grad_norm)
+        if clipped is not None and not math.isfinite(float(clipped)):  # stop before the step writes it into the weights
+            progress.close()
+            raise diverged(f"the gradient norm is {float(clipped)}", step + 1)
         optimizer.step()
         grad_norm = engine.grad_norm(model, clipped)  # DeepSpeed clips inside its engine and knows the norm after its step
+        if grad_norm is not None and not math.isfinite(grad_norm):  # (stepped already: nothing of it is ever saved)
+            progress.close()
+            raise diverged(f"the gradient norm is {grad_norm}", step + 1)
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         adaptation.update_teacher()
-        step += 1
+        step = run.step = step + 1
 
         logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}
         if grad_norm is not None:
@@ -437,8 +421,10 @@ def train(args, family_cls, adaptation_cls):
                 f.write(json.dumps({"step": step, **logs}) + "\n")
 
         if step % args.checkpointing_steps == 0:
+            check_finite(adaptation, step, f"checkpoint-{step}")
             state = {
                 "step": step,
+                "args": public_args(args),
                 "batches": accelerator.gather_for_metrics([batches.state_dict()], use_gather_object=True),
                 "noise_generator": accelerator.gather_for_metrics([noise_generator.get_state().tolist()], use_gather_object=True),
             }
@@ -446,9 +432,66 @@ def train(args, family_cls, adaptation_cls):
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps and accelerator.is_main_process:
             run.validate(step)
 
+    return step
+
+
+def train(args, family_cls, adaptation_cls):
+    """Load, cache conditions, then optimise: D-OPSD (or SFT) steps, EMA teacher, checkpoints, validation, save."""
+    from diffusers.optimization import get_scheduler
+
+    claim_output_dir(args)
+    resume = resolve_resume(args)
+    if resume is not None:  # refused here, before anything loads, if it would train another model
+        state = json.loads((resume / "training_state.json").read_text())
+        changed = check_resume_matches(args, state, int(os.environ.get("WORLD_SIZE", "1")))
+    run = Run(args, family_cls, adaptation_cls)
+    accelerator, family, adaptation = run.accelerator, run.family, run.adaptation
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.preview_teacher_only:
+        if accelerator.is_main_process:
+            preview_teacher(run)
+        return
+
+    engine = run.engine
+    optimizer = make_optimizer(args, adaptation.trainable_parameters(), engine_owns_step=engine.owns_gradient_clipping)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    model, optimizer, lr_scheduler = accelerator.prepare(run.transformer, optimizer, lr_scheduler)
+    adaptation.use_prepared(model, engine)
+    report(engine, **adaptation.parameter_groups())
+    batches = BucketBatches(run.examples, args.train_batch_size, args.seed, accelerator.num_processes, accelerator.process_index)
+    noise_generator = torch.Generator(run.device).manual_seed(args.seed * 1000 + accelerator.process_index)
+
+    step = 0
+    if resume is not None:
+        accelerator.load_state(str(resume), **engine.load_state_kwargs(adaptation.frozen_base))
+        step = state["step"]
+        batches.load_state_dict(state["batches"][accelerator.process_index])
+        noise_generator.set_state(torch.tensor(state["noise_generator"][accelerator.process_index], dtype=torch.uint8))
+        if accelerator.is_main_process:
+            for log in ("loss_log.jsonl", "validation_log.jsonl"):
+                forget_after(output_dir / log, step)
+        logger.info("resumed from %s at step %d", resume, step)
+
+    if accelerator.is_main_process:
+        save_args(args, output_dir, **({"resumed_at": step, "changed": changed} if resume is not None else {}))
+        accelerator.init_trackers("dopsd", config={k: v for k, v in public_args(args).items() if isinstance(v, (int, float, str, bool))})
+        if step == 0 and run.validates:
+            run.validate(0)  # the untouched base column, and what the teacher draws before any training
+    log_file = output_dir / "loss_log.jsonl"
+    run.step = step
+    try:
+        step = optimize(run, model, optimizer, lr_scheduler, batches, noise_generator, step, log_file)
+    except KeyboardInterrupt:
+        done = checkpoint_dirs(args.output_dir)
+        raise UserError(f"interrupted at step {run.step}: resume with --resume_from_checkpoint latest "
+                        f"({'from ' + done[-1].name if done else 'no checkpoint yet: it starts over'}).", exit_code=130) from None
+
     accelerator.wait_for_everyone()
     check_ranks_agree(accelerator, adaptation)
-    adaptation.save_final(output_dir)  # on every rank: sharded engines gather the weights collectively
+    check_finite(adaptation, step, "the final weights")
+    save_final_outputs(accelerator, adaptation, output_dir)
     samples = []
     if accelerator.is_main_process:
         if not args.skip_final_validation:
