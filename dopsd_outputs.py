@@ -62,15 +62,9 @@ def earlier_run(out: Path) -> list[str]:
     return found + sorted(p.name for p in out.glob("checkpoint-*")) + sorted(p.name for p in out.glob(".partial-*"))
 
 
-def claim_output_dir(args):
-    """Make --output_dir this run's alone, before anything loads: a folder holding an earlier run is refused unless
-    the run resumes it or --overwrite_output_dir clears it, and a lock keeps a second run out while this one lives.
-
-    Only the launch's first process takes the lock (the others are this run); the OS drops it when that process ends,
-    however it ends."""
-    import fcntl
-
-    global _held_lock
+def refuse_earlier_run(args) -> list[str]:
+    """A folder holding an earlier run is refused unless the run resumes it or --overwrite_output_dir clears it.
+    Writes nothing; returns what the folder holds."""
     out = Path(args.output_dir)
     found = earlier_run(out)
     # --preview_teacher_only writes only teacher_preview.png, typically into the folder the run will train in.
@@ -83,6 +77,20 @@ def claim_output_dir(args):
                         "but no complete checkpoint: start afresh with --overwrite_output_dir, or choose another folder.")
     if args.resume_from_checkpoint is not None and args.overwrite_output_dir:
         raise UserError("--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would resume: pass one of them.")
+    return found
+
+
+def claim_output_dir(args):
+    """Make --output_dir this run's alone (called once the input is checked, before any model loads): a lock keeps a
+    second run out while this one lives, and --overwrite_output_dir deletes the earlier run's outputs.
+
+    Only the launch's first process takes the lock (the others are this run); the OS drops it when that process ends,
+    however it ends."""
+    import fcntl
+
+    global _held_lock
+    out = Path(args.output_dir)
+    found = refuse_earlier_run(args)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from dopsd_args import UserError
 from dopsd_engines import engine_for, report
 from dopsd_data import BucketBatches, ConditionCache, Example, caption_of, collect_raw_examples, load_examples
 from dopsd_outputs import (check_resume_matches, checkpoint_dirs, claim_output_dir, forget_after, make_grid, public_args, push_to_hub,
+                           refuse_earlier_run,
                            resolve_resume, save_args, save_checkpoint, save_final_outputs, trigger_words,
                            validation_generator, write_model_card)
 from pipeline_dopsd import ModelFamily, euler_step, rollout_sigmas, x0_from_velocity
@@ -164,6 +165,7 @@ class Run:
         self.args = args
         raw = collect_raw_examples(args)
         self.examples = load_examples(args, raw, family_cls)
+        claim_output_dir(args)  # the input is good: from here on this run writes into --output_dir
         # Every rollout state is one micro-batch of gradient accumulation: accelerate then scales each per-state loss
         # by 1 / (rollout_steps * accumulation), syncs gradients only after the last state, and steps the optimizer once.
         micro_steps = args.gradient_accumulation_steps * (args.rollout_steps if args.method == "dopsd" else 1)
@@ -439,7 +441,7 @@ def train(args, family_cls, adaptation_cls):
     """Load, cache conditions, then optimise: D-OPSD (or SFT) steps, EMA teacher, checkpoints, validation, save."""
     from diffusers.optimization import get_scheduler
 
-    claim_output_dir(args)
+    refuse_earlier_run(args)
     resume = resolve_resume(args)
     if resume is not None:  # refused here, before anything loads, if it would train another model
         state = json.loads((resume / "training_state.json").read_text())
