@@ -43,7 +43,9 @@ def make_parser():
     lora.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
     lora.add_argument("--lora_format", choices=["diffusers", "comfyui"], default="diffusers",
                       help="Keys of the final pytorch_lora_weights.safetensors: diffusers (transformer.*) or comfyui "
-                           "(diffusion_model.*; BFL names for FLUX.2). diffusers' load_lora_weights reads both.")
+                           "(diffusion_model.*; BFL names for FLUX.2, for ComfyUI before 0.9.2). diffusers' "
+                           "load_lora_weights reads both, and both load at the trained strength in diffusers and ComfyUI "
+                           "(alpha / rank is folded into lora_B).")
     lora.add_argument("--lora_preset", choices=["reference", "all"], default=None,
                       help="Layers to adapt. reference (default): those the paper's LoRAs adapted, attention and "
                            "feed-forward for Z-Image-Turbo, the double-stream attention only for FLUX.2-klein; all: for "
