@@ -359,7 +359,8 @@ class LoraAdaptation:
         """The student as a file that loads at its trained strength everywhere: alpha / rank folded into lora_B and
         alpha = rank recorded. diffusers scales by the metadata's alpha / rank (now 1); ComfyUI reads alpha only from
         `<module>.alpha` keys, ignores the metadata and applies 1 when there is none; so both apply B·A exactly once.
-        (A `.alpha` key would not do: diffusers' FLUX.2 loader passes `transformer.*.alpha` keys to peft unconverted.)"""
+        (`.alpha` keys would not do: diffusers 0.42 refuses a `transformer.*` file holding them, for both families:
+        Z-Image's loader converts it as a non-diffusers file and finds no module, FLUX.2's calls it an invalid adapter.)"""
         state = self._adapter_state("student")
         if self.accelerator.is_main_process:
             metadata = {**self.config.to_dict(), "lora_alpha": self.config.r}
