@@ -3,6 +3,8 @@ training). It must change the training forward, be absent from the saved LoRA, a
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -106,6 +108,13 @@ def test_sft_with_a_training_adapter_end_to_end(tiny_models, sample_data, tmp_pa
         assert all(k.startswith("transformer.") and "training_adapter" not in k for k in weights)
         assert modules and all(m.endswith(preset) for m in modules)
     assert json.loads((out / "args.json").read_text())["training_adapter"] == str(adapter_file)
+    # The adapter is in the training forward: the same run without it (same seed, data and noise) learns another student.
+    run(["--pretrained_model_name_or_path", tiny_models / "z-image", "--instance_data_dir", sample_data,
+         "--output_dir", tmp_path / "plain", "--method", "sft", "--max_train_steps", 2, *FAST])
+    plain = load_file(tmp_path / "plain" / "pytorch_lora_weights.safetensors")
+    final = load_file(out / "pytorch_lora_weights.safetensors")
+    assert plain.keys() == final.keys()
+    assert max((plain[k] - final[k]).abs().max().item() for k in plain if ".lora_B." in k) > 0
 
 
 def test_training_adapter_problems_are_one_line_before_loading(tiny_models, sample_data, tmp_path):
@@ -133,3 +142,35 @@ def test_a_training_adapter_for_another_model_is_refused(tiny_models, tmp_path):
     with pytest.raises(UserError, match="training_adapter"):
         _trained_lora(load_stock(tiny_models / "flux2-klein"), "diffusers", training_adapter=str(adapter_file),
                       training_adapter_source=(str(adapter_file.parent), adapter_file.name))
+
+
+@torch.no_grad()
+def test_validation_samples_the_deployed_student_without_the_adapter(tiny_models, tmp_path):
+    """Run.sample_grid's student column is the student alone (what the saved LoRA gives), not the training forward."""
+    import argparse
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from dopsd_training import Run, validation_generator
+
+    adapter_file = write_adapter(tiny_models, "z-image", tmp_path / "adapter")
+    adaptation = _trained_lora(load_stock(tiny_models / "z-image"), "diffusers", training_adapter=str(adapter_file),
+                               training_adapter_source=(str(adapter_file.parent), adapter_file.name))
+    family, prompt = adaptation.family, "a photo of [V] toy"
+    condition = family.encode_student([prompt])[0]
+    run_like = SimpleNamespace(
+        args=argparse.Namespace(output_dir=str(tmp_path / "out"), num_inference_steps=2, num_validation_images=1, seed=0),
+        family=family, rows=[(prompt, Image.new("RGB", (64, 64)))], conditions=SimpleNamespace(student=lambda p: condition),
+        adaptation=adaptation, transformer=adaptation.transformer, device="cpu", validation_teacher={})
+    (base, student), = Run.sample_grid(run_like)
+
+    def sample(context):
+        noise = family.initial_noise(1, 64, 64, validation_generator(prompt, 0, 0))
+        with context():
+            x = family.sample(adaptation.transformer, family.collate([condition], "cpu"), noise, family.sigmas(2, 64, 64))
+        return np.asarray(family.decode(x)[0])
+
+    assert np.array_equal(np.asarray(student), sample(adaptation.student))
+    assert not np.array_equal(np.asarray(student), sample(adaptation.training))
+    assert np.array_equal(np.asarray(base), sample(adaptation.base))
