@@ -279,12 +279,16 @@ def write_model_card(args, family: type[ModelFamily], output_dir: Path, samples:
     guidance = ", guidance_scale=0.0" if stock == "ZImagePipeline" else ""
     if kind == "lora":
         load = f'pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors")'
-        what = f"A LoRA (rank {args.rank}, alpha {args.lora_alpha})"
+        # The file holds alpha / rank folded into lora_B, so it loads at this strength in diffusers and ComfyUI alike.
+        what = f"A LoRA (rank {args.rank}, alpha {args.lora_alpha}, folded into the weights: load it at strength 1)"
     else:
         load = f'pipe.transformer = type(pipe.transformer).from_pretrained("{repo_id}", subfolder="transformer", torch_dtype=torch.bfloat16).to("cuda")'
         what = "A full fine-tune of the transformer"
     method = ("D-OPSD, on-policy self-distillation (arXiv 2605.05204), which keeps the base model's few-step ability"
               if args.method == "dopsd" else "vanilla flow-matching SFT (the D-OPSD paper's baseline)")
+    if getattr(args, "training_adapter", None):
+        method += (f", with the training adapter `{args.training_adapter}` active during training only (it is not part "
+                   "of this LoRA: do not load it for inference)")
     description = f"""
 # {family.display_name} {kind.upper() if kind == "lora" else "fine-tune"} trained with {"D-OPSD" if args.method == "dopsd" else "SFT"}: {repo_id}
 

@@ -383,13 +383,13 @@ def optimize(run: Run, model, optimizer, lr_scheduler, batches, noise_generator,
             if args.method == "dopsd":
                 teacher_condition = family.collate([run.conditions.teacher(i, caption_of(e, column)) for i, e in zip(indices, examples)], run.device)
                 sigmas = training_rollout_sigmas(family, args, height, width, run.device)
-                with adaptation.student():
+                with adaptation.training():
                     losses.append(dopsd_step(run.student(model, student_condition), run.teacher(teacher_condition), noise, sigmas,
                                              args.loss_space, accelerator.backward, lambda: accelerator.accumulate(model)))
             else:
                 x0 = torch.stack([run.conditions.latents(i) for i in indices]).to(run.device)
                 sigma = sample_sft_sigmas(family, len(indices), height, width, noise_generator, run.device)
-                with adaptation.student(), accelerator.accumulate(model):
+                with adaptation.training(), accelerator.accumulate(model):
                     losses.append([sft_step(run.student(model, student_condition), x0, noise, sigma, accelerator.backward)])
         per_state = torch.stack([torch.stack(l) for l in losses]).mean(0)
         loss = accelerator.gather(per_state.mean()[None]).mean().item()

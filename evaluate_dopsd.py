@@ -42,7 +42,7 @@ logger = logging.getLogger("dopsd.evaluate")
 DEFAULT_CONCEPT_TOKEN = "[V]"
 # Local paths of LoRAs and transformers are checked before loading; anything else of this shape may be a Hub repo.
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-COLUMN_LABEL = re.compile(r"^[\w.-]+$")
+COLUMN_LABEL = re.compile(r"^[\w.+-]+$")  # "sft+adapter" too
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -57,7 +57,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="A LoRA to evaluate: a folder with pytorch_lora_weights.safetensors, a .safetensors file "
                              "or a Hub repo. Repeat to compare several side by side; NAME labels its column.")
     models.add_argument("--sft_lora", default=None, metavar="[NAME=]PATH",
-                        help="A LoRA trained with --method sft, shown as its own column (labelled 'sft' by default).")
+                        help="A LoRA trained with --method sft, shown as its own column (labelled 'sft' by default, 'sft+adapter' "
+                             "when its args.json names a --training_adapter, which is not loaded: it is dropped after "
+                             "training).")
     models.add_argument("--transformer", action="append", default=[], metavar="[NAME=]PATH",
                         help="A fully fine-tuned transformer (its folder, or a folder holding transformer/), instead of "
                              "--lora. Repeatable.")
@@ -180,6 +182,7 @@ class Column:
     name: str
     kind: str  # "base", "lora" or "transformer"
     source: str
+    recipe: str | None = None  # how a LoRA of ours was trained ("sft + training adapter X"), from its args.json
     images: list[Image.Image] = field(default_factory=list)  # one per Sample, in order
     rows: list[dict] = field(default_factory=list)  # per-sample metrics, in the same order
     summary: dict = field(default_factory=dict)
@@ -197,7 +200,32 @@ def parse_column(spec: str, kind: str, flag: str, default_name: str | None = Non
         raise UserError(f"{flag} {spec!r} names no model: use {flag} PATH or {flag} NAME=PATH.")
     if not Path(source).exists() and not HUB_REPO_ID.match(source):
         raise UserError(f"{flag} {source} does not exist: pass a local folder or file, or a Hub repo id like user/repo.")
-    return Column(name=name or default_name or default_column_name(source), kind=kind, source=source)
+    recipe = training_recipe(source) if kind == "lora" else None
+    if default_name == "sft" and recipe and "training adapter" in recipe:
+        default_name = "sft+adapter"
+    return Column(name=name or default_name or default_column_name(source), kind=kind, source=source, recipe=recipe)
+
+
+def training_recipe(source: str) -> str | None:
+    """The method (and training adapter) a LoRA was trained with, read from the args.json that train_dopsd_lora.py
+    writes beside it (in the run folder, which is above a checkpoint-N); None for other LoRAs. The table shows it, so
+    an SFT baseline trained with a training adapter is labelled as such (its adapter is not loaded: it was dropped
+    after training, as in use)."""
+    path = Path(source)
+    folder = path.parent if path.is_file() else path
+    candidates = [folder / "args.json"] + ([folder.parent / "args.json"] if folder.name.startswith("checkpoint-") else [])
+    for candidate in candidates:
+        if candidate.is_file():
+            try:
+                saved = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            method = saved.get("method") if isinstance(saved, dict) else None
+            if method not in ("dopsd", "sft"):
+                return None
+            adapter = saved.get("training_adapter")
+            return f"{method} + training adapter {adapter}" if adapter else method
+    return None
 
 
 def default_column_name(source: str) -> str:
@@ -491,7 +519,8 @@ def markdown_table(columns, config, notes, warnings) -> str:
     for column in columns:
         flag = " ⚠" if column.name in warnings else ""
         cells = [f"{column.summary[key]:.4g}" if key in column.summary else "–" for key, _, _ in shown]
-        lines.append(f"| {column.name}{flag} | {column.kind} | " + " | ".join(cells) + " |")
+        kind = f"{column.kind} ({column.recipe})" if column.recipe else column.kind
+        lines.append(f"| {column.name}{flag} | {kind} | " + " | ".join(cells) + " |")
     lines += ["", *(f"- **{header}**: {meaning}" for _, header, meaning in shown)]
     if warnings or notes:
         lines += ["", *(f"> ⚠ **{name}**: {message}" for name, message in warnings.items()), *(f"> {n}" for n in notes)]
@@ -525,7 +554,8 @@ def write_outputs(output_dir: Path, columns, samples, config, notes, warnings):
         "config": config,
         "notes": notes,
         "warnings": warnings,
-        "models": {c.name: {"kind": c.kind, "source": c.source, "summary": c.summary, "rows": c.rows} for c in columns},
+        "models": {c.name: {"kind": c.kind, "source": c.source, "recipe": c.recipe, "summary": c.summary, "rows": c.rows}
+                   for c in columns},
     }
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (output_dir / "metrics.md").write_text(markdown_table(columns, config, notes, warnings), encoding="utf-8")

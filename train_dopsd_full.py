@@ -87,6 +87,9 @@ class FullAdaptation:
     def student(self):
         return contextlib.nullcontext()
 
+    def training(self):  # nothing but the student trains here (no --training_adapter for full fine-tuning)
+        return contextlib.nullcontext()
+
     def base(self):
         # Only called before the first optimizer step (the base column is generated once and kept on disk).
         return contextlib.nullcontext()

@@ -384,3 +384,27 @@ def test_a_missing_scoring_model_fails_before_generation(tiny_models, scorer_dir
         evaluate_dopsd.run_main(lambda: evaluate_dopsd.main(argv))
     assert "cannot read the config of --clip_model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_base_sft_with_adapter_and_dopsd_columns_are_labelled_from_their_runs(tmp_path):
+    """base | SFT+adapter | D-OPSD: each LoRA column says how it was trained (read from the run's args.json, also
+    above a checkpoint), an SFT LoRA trained with a training adapter gets its own default label, and the order is
+    the order of the flags."""
+    for run_name, saved in [("sft-run", {"method": "sft", "training_adapter": "ostris/adapter"}), ("dopsd-run", {"method": "dopsd"})]:
+        (tmp_path / run_name / "checkpoint-4").mkdir(parents=True)
+        (tmp_path / run_name / "args.json").write_text(json.dumps({**saved, "rank": 4}))
+    args = evaluate_dopsd.make_parser().parse_args([
+        "--pretrained_model_name_or_path", "base", "--eval_file", "e.jsonl",
+        "--lora", f"sft+adapter={tmp_path / 'sft-run' / 'checkpoint-4'}", "--lora", f"dopsd={tmp_path / 'dopsd-run'}"])
+    columns = evaluate_dopsd.model_columns(args)
+    assert [(c.name, c.recipe) for c in columns] == [
+        ("base", None), ("sft+adapter", "sft + training adapter ostris/adapter"), ("dopsd", "dopsd")]
+    assert columns[1].folder == "sft_adapter"
+    args = evaluate_dopsd.make_parser().parse_args([
+        "--pretrained_model_name_or_path", "base", "--eval_file", "e.jsonl", "--sft_lora", str(tmp_path / "sft-run")])
+    assert evaluate_dopsd.model_columns(args)[1].name == "sft+adapter"
+    for column in columns:
+        column.summary = {"sharpness_ratio": 1.0}
+    config = {"base": "base", "num_inference_steps": 8, "num_prompts": 1, "seeds": [0]}
+    table = evaluate_dopsd.markdown_table(columns, config, notes=[], warnings={})
+    assert "| sft+adapter | lora (sft + training adapter ostris/adapter) |" in table and "| dopsd | lora (dopsd) |" in table

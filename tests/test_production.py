@@ -291,6 +291,66 @@ def test_zimage_comfyui_keys_round_trip(zimage, tiny_models, tmp_path):
     assert np.abs(fresh(generator=torch.Generator().manual_seed(0), **kwargs).images - trained).max() <= 1e-5
 
 
+def _trained_lora(pipe, lora_format, **overrides):
+    """A LoRA adaptation as the training script builds it, its student made non-trivial, alpha / rank = 7 / 4."""
+    from accelerate import Accelerator
+
+    from dopsd_engines import Engine
+    from train_dopsd_lora import LoraAdaptation
+
+    family = (ZImageFamily if type(pipe).__name__ == "ZImagePipeline" else Flux2KleinFamily)(pipe)
+    args = argparse.Namespace(**{**dict(rank=4, lora_alpha=7, lora_dropout=0.0, lora_layers=None, lora_preset="all",
+                                        method="sft", lora_format=lora_format, training_adapter=None), **overrides})
+    pipe.transformer.requires_grad_(False)
+    accelerator = Accelerator(cpu=True)
+    adaptation = LoraAdaptation(args, family, pipe.transformer, accelerator, torch.float32)
+    with torch.no_grad():
+        for p in adaptation.student_params:
+            p.copy_(torch.randn_like(p) * 0.1)
+    adaptation.use_prepared(pipe.transformer, Engine(accelerator))
+    return adaptation
+
+
+def _student_deltas(adaptation):
+    """delta W of every adapted module as the trainer applies it: (alpha / rank) B @ A, float64."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: layer.get_delta_weight("student").double() for name, layer in adaptation.transformer.named_modules()
+            if isinstance(layer, BaseTunerLayer) and "student" in layer.lora_A}
+
+
+@pytest.mark.parametrize("lora_format", ["diffusers", "comfyui"])
+@pytest.mark.parametrize("family_dir", ["z-image", "flux2-klein"])
+def test_every_lora_file_loads_at_its_trained_strength_in_diffusers_and_comfyui(tiny_models, tmp_path, family_dir, lora_format):
+    from comfyui_rules import comfyui_deltas
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adaptation = _trained_lora(load_stock(tiny_models / family_dir), lora_format)
+    expected = _student_deltas(adaptation)
+    assert expected and all(d.abs().max() > 0 for d in expected.values())
+    adaptation.save_final(tmp_path)
+    state = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+
+    # diffusers: load_lora_weights then fuse_lora patches every adapted weight by exactly the trained delta.
+    pipe = load_stock(tiny_models / family_dir)
+    original = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    pipe.load_lora_weights(str(tmp_path))
+    loaded = {n for n, m in pipe.transformer.named_modules() if isinstance(m, BaseTunerLayer) and m.lora_A}
+    assert loaded == set(expected)
+    pipe.fuse_lora()
+    fused = pipe.transformer.state_dict()
+    for name, delta in expected.items():
+        patched = fused[f"{name}.base_layer.weight"].double()
+        torch.testing.assert_close(patched - original[f"{name}.weight"].double(), delta, atol=1e-6, rtol=1e-5)
+
+    # ComfyUI: its key maps and alpha rule give the same delta W for every module, and every key is loaded.
+    deltas, not_loaded = comfyui_deltas(state, family_dir)
+    assert not not_loaded
+    assert deltas.keys() == expected.keys()
+    for name, delta in expected.items():
+        torch.testing.assert_close(deltas[name], delta, atol=1e-6, rtol=1e-5)
+
+
 def test_low_vram_options_explain_what_they_need(tiny_models, sample_data, tmp_path):
     import importlib.util
 
