@@ -165,7 +165,6 @@ class Run:
         self.args = args
         raw = collect_raw_examples(args)
         self.examples = load_examples(args, raw, family_cls)
-        claim_output_dir(args)  # the input is good: from here on this run writes into --output_dir
         # Every rollout state is one micro-batch of gradient accumulation: accelerate then scales each per-state loss
         # by 1 / (rollout_steps * accumulation), syncs gradients only after the last state, and steps the optimizer once.
         micro_steps = args.gradient_accumulation_steps * (args.rollout_steps if args.method == "dopsd" else 1)
@@ -187,6 +186,7 @@ class Run:
             raise UserError("validation samples from the whole model on one rank, which ZeRO-3 and FSDP shard: pass "
                             "--validation_steps 0 --skip_final_validation and evaluate the saved model with evaluate_dopsd.py.")
         adaptation_cls.check_engine(args, self.engine)
+        claim_output_dir(args)  # the input and the launch are good: from here on this run writes into --output_dir
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
