@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start on the tiny offline models: build them if missing, train a D-OPSD LoRA for a few steps on the sample
-# concept shipped in examples/tiny_concept, then load the LoRA into the stock ZImagePipeline and save a sample image.
+# concept shipped in examples/tiny_concept (afresh each time: --overwrite_output_dir), then load the LoRA into the
+# stock ZImagePipeline and save a sample image.
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -11,7 +12,7 @@ accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dyna
   --pretrained_model_name_or_path tiny_models/z-image \
   --teacher_vlm_name_or_path tiny_models/qwen3-vl-teacher --teacher_min_pixels 1024 --teacher_max_pixels 4096 \
   --instance_data_dir examples/tiny_concept --instance_prompt "a photo of [V] toy" \
-  --output_dir "$out" --resolution 64 --rank 8 --lora_alpha 8 --learning_rate 1e-3 \
+  --output_dir "$out" --overwrite_output_dir --resolution 64 --rank 8 --lora_alpha 8 --learning_rate 1e-3 \
   --max_train_steps 30 --checkpointing_steps 15 --validation_steps 15 --report_to tensorboard
 
 python - "$out" <<'PY'
