@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+import dopsd_flags as flags
 from dopsd_args import UserError, build_parser, finalize_args, run_main
 from dopsd_engines import Engine
 from dopsd_training import ema_update, logger, train
@@ -31,9 +32,9 @@ STUDENT, TEACHER = "student", "teacher"
 def make_parser():
     parser = build_parser(__doc__.split("\n\n")[0])
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--rank", type=int, default=64, help="LoRA rank.")
-    lora.add_argument("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / rank).")
-    lora.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
+    lora.add_argument("--rank", type=flags.positive_int, default=64, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=flags.positive_int, default=128, help="LoRA alpha (scale alpha / rank).")
+    lora.add_argument("--lora_dropout", type=flags.open_fraction, default=0.0, help="LoRA dropout.")
     lora.add_argument("--lora_format", choices=["diffusers", "comfyui"], default="diffusers",
                       help="Keys of the final pytorch_lora_weights.safetensors: diffusers (transformer.*) or comfyui "
                            "(diffusion_model.*; BFL names for FLUX.2). diffusers' load_lora_weights reads both.")
@@ -42,10 +43,10 @@ def make_parser():
                            "feed-forward for Z-Image-Turbo, the double-stream attention only for FLUX.2-klein; all: for "
                            "FLUX.2-klein also its double-stream feed-forwards and single-stream blocks (Z-Image-Turbo: "
                            "the same as reference).")
-    lora.add_argument("--lora_layers", default=None,
+    lora.add_argument("--lora_layers", default=None, type=flags.name_list,
                       help="Comma-separated module-name suffixes to adapt, matched against every Linear of the "
                            "transformer, instead of a --lora_preset.")
-    lora.add_argument("--bnb_quantization_config_path", default=None,
+    lora.add_argument("--bnb_quantization_config_path", default=None, type=flags.text,
                       help="JSON of a bitsandbytes config (e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"}) "
                            "to hold the frozen base transformer in 4 or 8 bits (QLoRA; needs a CUDA GPU).")
     return parser
