@@ -501,7 +501,7 @@ def parse_fields(value: str) -> list[str]:
 
 def check_args(args) -> tuple[Path, list[str], Trigger]:
     if args.min_pixels > args.max_pixels:
-        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}.")
+        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}: lower the first or raise the second.")
     fields = parse_fields(args.caption_fields)
     token = args.instance_token.strip() if args.instance_token is not None else None
     if args.instance_token is not None and not token:
