@@ -255,6 +255,11 @@ def test_metadata_with_a_byte_order_mark_and_unicode_line_separators_is_read(dat
     assert [captions for _, _, captions in raw] == [["[V] toy"], [caption]]
 
 
+def test_a_null_caption_is_no_caption(data):
+    (data / "metadata.jsonl").write_text(rows('{"file_name": "b.png", "text": null, "caption": "[V] on grass"}'))
+    assert [c for _, _, c in collect_raw_examples(folder_args(data))] == [["[V] toy"], ["[V] on grass"]]
+
+
 def test_rows_missing_some_listed_columns_use_their_others(data, caplog):
     (data / "metadata.jsonl").write_text(rows('{"file_name": "b.png", "short": "[V]", "long": "a [V] toy"}')
                                          .replace('"text"', '"short"'))
@@ -348,11 +353,12 @@ def test_long_captions_are_cut_where_the_stock_pipeline_cuts_with_one_warning(fa
     long = "a photo of [V] toy, " + " ".join(f"word{i}" for i in range(1500))
     cut = family.fit_caption(long)
     assert long.startswith(cut) and len(cut) < len(long)
-    for prompt in family.text_prompts(cut):  # the student's and, for klein, the teacher's with its suffix: whole
-        assert templated_tokens(family, prompt) <= family.max_sequence_length
-    # The longest such start: one more word would not fit.
+    # The student's prompt and, for klein, the teacher's with its suffix are read whole ...
+    prompts = (lambda caption: [caption, family.teacher_prompt(caption)]) if family_name == "klein" else (lambda caption: [caption])
+    assert all(templated_tokens(family, p) <= family.max_sequence_length for p in prompts(cut))
+    # ... and it is the longest such start: one more word would not fit.
     longer = long[: long.index(" ", len(cut) + 1)]
-    assert any(templated_tokens(family, p) > family.max_sequence_length for p in family.text_prompts(longer))
+    assert any(templated_tokens(family, p) > family.max_sequence_length for p in prompts(longer))
     assert family.fit_caption("a photo of [V] toy") == "a photo of [V] toy"
     examples = [Example("toy_rug.png", None, [long, "short"]), Example("toy_grass.png", None, [long])]
     fitted = ConditionCache.fit_captions(family, examples, "dopsd")
@@ -361,20 +367,45 @@ def test_long_captions_are_cut_where_the_stock_pipeline_cuts_with_one_warning(fa
     assert len(warnings) == 1 and warnings[0].startswith("toy_rug.png:")
 
 
-def test_a_teacher_context_over_the_limit_names_the_image():
-    class Family:
-        max_sequence_length, display_name = 512, "Z-Image-Turbo"
+class RecordingFamily:
+    """Encoders that record what they are given; captions are 'fitted' to their first 5 characters."""
 
+    max_sequence_length, display_name = 512, "Z-Image-Turbo"
+
+    def __init__(self):
+        self.encoded = []
+
+    def fit_caption(self, caption, teacher=True):
+        return caption[:5]
+
+    def encoders_for(self, kind):
+        return []
+
+    def encode_student(self, prompts):
+        import torch
+
+        self.encoded += [("student", p) for p in prompts]
+        return [{"caption": torch.zeros(1)}]
+
+    def encode_teacher(self, prompts, images):
+        import torch
+
+        self.encoded += [("teacher", p) for p in prompts]
+        return [{"caption": torch.zeros(1)}]
+
+
+def test_the_fitted_caption_is_encoded_under_the_caption_s_own_key():
+    family, cache = RecordingFamily(), ConditionCache()
+    example = Example("a.png", Image.new("RGB", (16, 16)), ["a photo of [V] toy"])
+    cache.fill(family, [example], "dopsd")
+    assert sorted(family.encoded) == [("student", "a pho"), ("teacher", "a pho")]
+    assert cache.student("a photo of [V] toy") is not None and cache.teacher(0, "a photo of [V] toy") is not None
+
+
+def test_a_teacher_context_over_the_limit_names_the_image():
+    class Family(RecordingFamily):
         def fit_caption(self, caption, teacher=True):
             return caption
-
-        def encoders_for(self, kind):
-            return []
-
-        def encode_student(self, prompts):
-            import torch
-
-            return [{"caption": torch.zeros(1)}]
 
         def encode_teacher(self, prompts, images):
             raise ValueError("The teacher context is 2000 tokens, over the limit of 1504: lower --teacher_max_pixels.")
