@@ -276,7 +276,10 @@ def fallback_caption(field_name: str, row: dict, trigger: Trigger) -> str:
 
 def _inside(root: Path, relative: str, where: str) -> Path:
     """The trainer's rule: a row's file_name is a path relative to the folder and stays inside it."""
-    resolved = (root / relative).resolve()
+    try:
+        resolved = (root / relative).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError up to Python 3.12)
+        raise UserError(f"{where}: {relative!r} is a symlink loop: replace it with the file itself.") from None
     if Path(relative).is_absolute() or not resolved.is_relative_to(root.resolve()):
         raise UserError(f"{where}: path {relative!r} points outside the dataset folder: use a path relative to {root}.")
     return resolved
@@ -299,7 +302,8 @@ class Metadata:
 
     def _read(self):
         try:
-            text = self.path.read_text(encoding="utf-8")
+            # A byte-order mark (Windows editors) is accepted, as the trainer accepts it; it is not written back.
+            text = self.path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise UserError(f"{self.path} is not UTF-8 text: re-save it as UTF-8.") from None
         except OSError as error:
@@ -313,10 +317,16 @@ class Metadata:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{where} is not valid JSON: fix or delete the line.") from None
-            if not isinstance(row, dict) or "file_name" not in row:
+            if not isinstance(row, dict):
+                raise UserError(f"{where} is a JSON {type(row).__name__}, not an object: write one "
+                                '{"file_name": "01.jpg", ...} per line.')
+            if "file_name" not in row:
                 raise UserError(f"{where} has no 'file_name': add the image path relative to {self.root}.")
+            name = row["file_name"]
+            if not isinstance(name, str) or not name.strip() or "\0" in name:
+                raise UserError(f"{where}: 'file_name' must be the image's path relative to {self.root}, got {name!r}.")
             self.rows[index] = row
-            self.images[index] = _inside(self.root, str(row["file_name"]), where)
+            self.images[index] = _inside(self.root, name, where)
 
     def update(self, index: int, row: dict):
         self.rows[index] = row
@@ -393,14 +403,20 @@ def remove_stale_temporaries(target: Path):
         stale.unlink(missing_ok=True)
 
 
-def read_txt_caption(image: Path) -> str | None:
+def read_txt_caption(image: Path, root: Path) -> str | None:
     path = image.with_suffix(".txt")
     if not path.is_file():
         return None
+    # The trainer's rule for every file of the folder: a caption linked from outside would carry outside text into
+    # the row's 'text', and from there into the model card.
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"caption file {path} points outside the dataset folder (to {path.resolve()}): copy the file into {root}.")
     try:
-        return path.read_text(encoding="utf-8").strip() or None
+        return path.read_text(encoding="utf-8-sig").strip() or None
     except UnicodeDecodeError:
         raise UserError(f"caption {path} is not UTF-8 text: re-save it as UTF-8 (it is copied into the row's 'text').") from None
+    except OSError as error:
+        raise UserError(f"cannot read caption {path} ({error.strerror}): make it readable or remove it.") from None
 
 
 def folder_images(root: Path) -> list[Path]:
@@ -463,13 +479,13 @@ def plan_work(metadata: Metadata, fields: list[str]) -> Plan:
             continue
         missing = [f for f in fields if not row.get(f)]
         if missing:
-            plan.jobs.append(Job(index, image, row, missing, read_txt_caption(image)))
+            plan.jobs.append(Job(index, image, row, missing, read_txt_caption(image, metadata.root)))
         else:  # a row that holds every requested field is left exactly as it is
             plan.kept += 1
     for image in folder_images(metadata.root):
         if image not in listed:
             plan.jobs.append(Job(None, image, {"file_name": image.relative_to(metadata.root.resolve()).as_posix()},
-                                 list(fields), read_txt_caption(image)))
+                                 list(fields), read_txt_caption(image, metadata.root)))
     return plan
 
 

@@ -125,11 +125,19 @@ def read_eval_file(path: str) -> list[EvalPrompt]:
     eval_file = Path(path)
     if not eval_file.is_file():
         raise UserError(f"--eval_file {path} does not exist: pass a JSON-lines file with one {{\"prompt\": ...}} per line.")
+    try:
+        text = eval_file.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is accepted
+    except OSError as error:
+        raise UserError(f"cannot read --eval_file {path} ({error.strerror}): make it readable.") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"--eval_file {path} is not UTF-8 text (byte {error.start}): re-save it as UTF-8.") from None
     prompts = []
-    for number, line in enumerate(eval_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON Lines end at \n only, not at U+2028
         if not line.strip():
             continue
         where = f"{path} line {number}"
+        if "\0" in line:
+            raise UserError(f"{where} holds a NUL byte (is the file UTF-16 or binary?): re-save it as UTF-8 text.")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:

@@ -413,3 +413,41 @@ def test_a_teacher_context_over_the_limit_names_the_image():
     example = Example("big.png", Image.new("RGB", (16, 16)), ["[V]"])
     with pytest.raises(UserError, match=r"^big\.png: The teacher context is 2000 tokens.*--teacher_max_pixels"):
         ConditionCache().fill(Family(), [example], "dopsd")
+
+
+# -- the other scripts' files follow the same rules ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[1]\n', r"metadata\.jsonl:1 is a JSON list, not an object"),
+    ('{"file_name": 5}\n', r"metadata\.jsonl:1: 'file_name' must be"),
+    ('{"file_name": "loop.png"}\n', r"metadata\.jsonl:1: 'loop.png' is a symlink loop"),
+])
+def test_caption_script_reads_metadata_like_the_trainer(text, message, data):
+    (data / "loop.png").symlink_to(data / "loop.png")
+    (data / "metadata.jsonl").write_text(text)
+    with pytest.raises(caption_dopsd.UserError, match=message):
+        caption_dopsd.Metadata(data)
+
+
+def test_caption_script_accepts_a_byte_order_mark_and_refuses_captions_linked_from_outside(data, tmp_path):
+    (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD_ROW).encode() + b"\n")
+    assert caption_dopsd.Metadata(data).rows == {0: GOOD_ROW}
+    (data / "b.txt").write_bytes(b"\xef\xbb\xbfa [V] toy")
+    assert caption_dopsd.read_txt_caption(data / "b.png", data) == "a [V] toy"
+    (tmp_path / "secret.txt").write_text("not for the model card")
+    (data / "a.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(caption_dopsd.UserError, match=r"caption file .*a\.txt points outside the dataset folder"):
+        caption_dopsd.read_txt_caption(data / "a.png", data)
+
+
+@pytest.mark.parametrize("contents, message", [
+    ("caf\xe9".encode("latin-1"), r"is not UTF-8 text \(byte 3\)"),
+    (b'{"prompt": "a\x00"}\n', r"line 1 holds a NUL byte"),
+])
+def test_eval_file_that_is_not_utf8_text(contents, message, tmp_path):
+    (tmp_path / "e.jsonl").write_bytes(contents)
+    with pytest.raises(UserError, match=message):
+        evaluate_dopsd.read_eval_file(str(tmp_path / "e.jsonl"))
+    (tmp_path / "e.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a [V] dog"}\n')
+    assert [p.prompt for p in evaluate_dopsd.read_eval_file(str(tmp_path / "e.jsonl"))] == ["a [V] dog"]
