@@ -182,6 +182,8 @@ def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
     if args.teacher_min_pixels > args.teacher_max_pixels:
         raise UserError(f"--teacher_min_pixels {args.teacher_min_pixels} is above --teacher_max_pixels "
                         f"{args.teacher_max_pixels}: lower the first or raise the second.")
+    if args.push_to_hub or args.hub_model_id is not None:
+        check_repo_id(args)
     check_output_dir(Path(args.output_dir))
     if args.condition_cache_dir is not None:
         check_output_dir(Path(args.condition_cache_dir), "--condition_cache_dir")
@@ -226,6 +228,19 @@ def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
     if args.rollout_grid == "reference" and (reason := family.check_reference_rollout(args.rollout_steps)):
         raise UserError(f"--rollout_grid reference: {reason}; use --rollout_grid inference.")
     return family
+
+
+def check_repo_id(args):
+    """The Hub repository's name, checked now rather than by the upload at the end of a long run."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        source = "--hub_model_id" if args.hub_model_id else "the --output_dir name (the default --hub_model_id)"
+        raise UserError(f"{source} {repo_id!r} is not a Hub repository name: pass --hub_model_id user/name (letters, digits, "
+                        "'-', '_' and '.', at most 96 characters).") from None
 
 
 def check_output_dir(out: Path, flag: str = "--output_dir"):

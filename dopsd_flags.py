@@ -102,6 +102,8 @@ def name_list(value: str) -> str:
         raise argparse.ArgumentTypeError("names nothing: pass comma-separated names, e.g. a,b")
     if not all(names):
         raise argparse.ArgumentTypeError(f"{value!r} has an empty name between commas: remove the extra comma")
+    if twice := next((n for i, n in enumerate(names) if n in names[:i]), None):
+        raise argparse.ArgumentTypeError(f"{value!r} lists {twice!r} twice: name each once")
     return value
 
 
@@ -110,7 +112,10 @@ def seed_list(value: str) -> list[int]:
     parts = [part.strip() for part in value.split(",") if part.strip()]
     if not parts:
         raise argparse.ArgumentTypeError("is empty: pass e.g. 0,1")
-    return [seed(part) for part in parts]
+    seeds = [seed(part) for part in parts]
+    if len(set(seeds)) < len(seeds):  # a repeated seed is the same images again, under one file name
+        raise argparse.ArgumentTypeError(f"{value!r} repeats a seed: list each once")
+    return seeds
 
 
 _BUCKET = re.compile(r"^\s*(\d+)\s*,\s*(\d+)\s*$")

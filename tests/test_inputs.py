@@ -48,7 +48,7 @@ SHARED = {
     "--output_dir": ["", "  "],
     "--instance_prompt": ["", "   "],
     "--validation_prompt": ["  "],
-    "--caption_column": [",", "text,,short"],
+    "--caption_column": [",", "text,,short", "text,short,text"],
     "--pretrained_model_name_or_path": [""],
     "--condition_cache_dir": [""],
     "--resume_from_checkpoint": [""],
@@ -56,7 +56,7 @@ SHARED = {
 LORA = {"--rank": ["0", "-4", "8.5"], "--lora_alpha": ["0", "-1"], "--lora_dropout": ["1", "-0.1", "nan"],
         "--lora_layers": ["", ","]}
 FULL = {"--max_shard_size": ["0", "5XB", "-1GB", "", "0.0000001KB"]}
-EVALUATE = {"--num_inference_steps": ["0"], "--height": ["0", "100"], "--width": ["-16"], "--seeds": ["", "-1", "0,x"],
+EVALUATE = {"--num_inference_steps": ["0"], "--height": ["0", "100"], "--width": ["-16"], "--seeds": ["", "-1", "0,x", "0,1,0"],
             "--quality_warn_ratio": ["nan", "0"], "--output_dir": [""]}
 CAPTION = {"--batch_size": ["0"], "--min_pixels": ["0"], "--max_pixels": ["-1"], "--max_new_tokens": ["0", "nan"],
            "--max_images": ["0"]}
@@ -110,10 +110,13 @@ def test_training_flag_out_of_range_is_one_line_before_anything_is_written(scrip
     (["--teacher_min_pixels", "5000", "--teacher_max_pixels", "4096"], "--teacher_min_pixels 5000 is above"),
     (["--lr_scheduler", "linear", "--lr_warmup_steps", "11", "--max_train_steps", "10"], "--lr_warmup_steps 11 is longer"),
     (["--condition_cache_dir", "FILE"], "--condition_cache_dir .* is a file"),
+    (["--push_to_hub", "--hub_model_id", "me/my run"], "--hub_model_id 'me/my run' is not a Hub repository name"),
+    (["--hub_model_id", "a/b/c"], "--hub_model_id 'a/b/c' is not"),
+    (["--push_to_hub", "--output_dir", "OUT/my run"], "the --output_dir name .*'my run' is not"),
 ])
 def test_flags_that_do_not_fit_together(extra, message, model_index, data, tmp_path, capsys):
     (tmp_path / "FILE").write_text("")
-    extra = [str(tmp_path / "FILE") if e == "FILE" else e for e in extra]
+    extra = [str(tmp_path / "FILE") if e == "FILE" else e.replace("OUT", str(tmp_path / "out")) for e in extra]
     line = refused(train_dopsd_lora.parse_args, training_argv(model_index, data, tmp_path, *extra), capsys)
     assert re.search(message, line), line
     assert not (tmp_path / "out").exists()
@@ -124,7 +127,7 @@ def test_good_flags_pass(model_index, data, tmp_path):
     argv = training_argv(model_index, data, tmp_path, "--resolution", "16", "--seed", str(2**32 - 1), "--ema_decay", "1",
                          "--adam_beta1", "0", "--lora_dropout", "0.5", "--validation_steps", "0", "--lr_warmup_steps", "0",
                          "--learning_rate", "1e-6", "--lr_scheduler", "cosine_with_restarts", "--max_train_steps", "1",
-                         "--caption_column", "text, short")
+                         "--caption_column", "text, short", "--push_to_hub", "--hub_model_id", "user/dopsd-toy.v1")
     args, _ = train_dopsd_lora.parse_args(argv)
     assert (args.resolution, args.seed, args.lora_dropout, args.learning_rate) == (16, 2**32 - 1, 0.5, 1e-6)
     full, _ = train_dopsd_full.parse_args(training_argv(model_index, data, tmp_path, "--max_shard_size", "123"))
