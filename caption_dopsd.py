@@ -30,6 +30,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dopsd_flags as flags
+
 # Only the standard library at import time: bad input is reported at once, before torch, transformers and the
 # trainer's data module (which imports diffusers) are loaded.
 
@@ -99,9 +101,9 @@ class UserError(Exception):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
+    p = flags.Parser(description=__doc__.splitlines()[0], formatter_class=_HelpFormatter)
     data = p.add_argument_group("data")
-    data.add_argument("--instance_data_dir", required=True,
+    data.add_argument("--instance_data_dir", required=True, type=flags.text,
                       help="Folder of images to caption; the captions go to its metadata.jsonl, which the training "
                            "scripts read with the same --instance_data_dir.")
     data.add_argument("--caption_fields", default=DEFAULT_FIELDS,
@@ -113,7 +115,7 @@ def make_parser() -> argparse.ArgumentParser:
                            "changed and only missing ones are written.")
     data.add_argument("--skip_bad_images", action="store_true",
                       help="Skip unreadable images with a warning instead of stopping.")
-    data.add_argument("--max_images", type=int, default=None,
+    data.add_argument("--max_images", type=flags.positive_int, default=None,
                       help="Caption at most this many images in this run, e.g. to check the captions before a long run "
                            "(the same command without it continues with the rest).")
 
@@ -133,27 +135,27 @@ def make_parser() -> argparse.ArgumentParser:
                               "mode), at the start (style mode); prefix: 'PHRASE, caption'; suffix: 'caption, PHRASE'.")
 
     model = p.add_argument_group("model")
-    model.add_argument("--vlm_name_or_path", default=DEFAULT_VLM,
+    model.add_argument("--vlm_name_or_path", default=DEFAULT_VLM, type=flags.text,
                        help="Qwen3-VL Instruct model that writes the captions, a Hub id or local folder; any size, e.g. "
                             "Qwen/Qwen3-VL-8B-Instruct.")
-    model.add_argument("--revision", default=None, help="Revision of --vlm_name_or_path on the Hub.")
-    model.add_argument("--cache_dir", default=None, help="Cache folder for the downloaded model.")
-    model.add_argument("--min_pixels", type=int, default=256 * 256,
+    model.add_argument("--revision", default=None, type=flags.text, help="Revision of --vlm_name_or_path on the Hub.")
+    model.add_argument("--cache_dir", default=None, type=flags.text, help="Cache folder for the downloaded model.")
+    model.add_argument("--min_pixels", type=flags.positive_int, default=256 * 256,
                        help="Smallest pixel budget of the VLM's view of an image.")
-    model.add_argument("--max_pixels", type=int, default=1024 * 1024,
+    model.add_argument("--max_pixels", type=flags.positive_int, default=1024 * 1024,
                        help="Largest pixel budget of the VLM's view of an image; about one visual token per 32x32 pixels.")
-    model.add_argument("--max_new_tokens", type=int, default=None,
+    model.add_argument("--max_new_tokens", type=flags.positive_int, default=None,
                        help="Most tokens generated per caption (default: per granularity, short 48, medium 128, detailed "
                             "384, user_prompt 64). A caption that hits it is cut after its last full sentence.")
     model.add_argument("--extra_instruction", default=None,
                        help="Text added to every request to the VLM, e.g. 'Do not mention the colour of the fur.'")
 
     runtime = p.add_argument_group("runtime")
-    runtime.add_argument("--batch_size", type=int, default=8,
+    runtime.add_argument("--batch_size", type=flags.positive_int, default=8,
                          help="Images captioned together in one generate call; metadata.jsonl is saved after each batch.")
     runtime.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                          help="Weight dtype of the VLM (default: bf16 on a GPU, no (fp32) on CPU).")
-    runtime.add_argument("--device", default=None,
+    runtime.add_argument("--device", default=None, type=flags.text,
                          help="Torch device, e.g. cuda, cuda:1 or cpu; 'auto' spreads a large model over every GPU "
                               "(default: cuda if available, else cpu).")
     return p
@@ -274,7 +276,10 @@ def fallback_caption(field_name: str, row: dict, trigger: Trigger) -> str:
 
 def _inside(root: Path, relative: str, where: str) -> Path:
     """The trainer's rule: a row's file_name is a path relative to the folder and stays inside it."""
-    resolved = (root / relative).resolve()
+    try:
+        resolved = (root / relative).resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError up to Python 3.12)
+        raise UserError(f"{where}: {relative!r} is a symlink loop: replace it with the file itself.") from None
     if Path(relative).is_absolute() or not resolved.is_relative_to(root.resolve()):
         raise UserError(f"{where}: path {relative!r} points outside the dataset folder: use a path relative to {root}.")
     return resolved
@@ -297,7 +302,8 @@ class Metadata:
 
     def _read(self):
         try:
-            text = self.path.read_text(encoding="utf-8")
+            # A byte-order mark (Windows editors) is accepted, as the trainer accepts it; it is not written back.
+            text = self.path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError:
             raise UserError(f"{self.path} is not UTF-8 text: re-save it as UTF-8.") from None
         except OSError as error:
@@ -311,10 +317,16 @@ class Metadata:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise UserError(f"{where} is not valid JSON: fix or delete the line.") from None
-            if not isinstance(row, dict) or "file_name" not in row:
+            if not isinstance(row, dict):
+                raise UserError(f"{where} is a JSON {type(row).__name__}, not an object: write one "
+                                '{"file_name": "01.jpg", ...} per line.')
+            if "file_name" not in row:
                 raise UserError(f"{where} has no 'file_name': add the image path relative to {self.root}.")
+            name = row["file_name"]
+            if not isinstance(name, str) or not name.strip() or "\0" in name:
+                raise UserError(f"{where}: 'file_name' must be the image's path relative to {self.root}, got {name!r}.")
             self.rows[index] = row
-            self.images[index] = _inside(self.root, str(row["file_name"]), where)
+            self.images[index] = _inside(self.root, name, where)
 
     def update(self, index: int, row: dict):
         self.rows[index] = row
@@ -391,14 +403,20 @@ def remove_stale_temporaries(target: Path):
         stale.unlink(missing_ok=True)
 
 
-def read_txt_caption(image: Path) -> str | None:
+def read_txt_caption(image: Path, root: Path) -> str | None:
     path = image.with_suffix(".txt")
     if not path.is_file():
         return None
+    # The trainer's rule for every file of the folder: a caption linked from outside would carry outside text into
+    # the row's 'text', and from there into the model card.
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"caption file {path} points outside the dataset folder (to {path.resolve()}): copy the file into {root}.")
     try:
-        return path.read_text(encoding="utf-8").strip() or None
+        return path.read_text(encoding="utf-8-sig").strip() or None
     except UnicodeDecodeError:
         raise UserError(f"caption {path} is not UTF-8 text: re-save it as UTF-8 (it is copied into the row's 'text').") from None
+    except OSError as error:
+        raise UserError(f"cannot read caption {path} ({error.strerror}): make it readable or remove it.") from None
 
 
 def folder_images(root: Path) -> list[Path]:
@@ -461,13 +479,13 @@ def plan_work(metadata: Metadata, fields: list[str]) -> Plan:
             continue
         missing = [f for f in fields if not row.get(f)]
         if missing:
-            plan.jobs.append(Job(index, image, row, missing, read_txt_caption(image)))
+            plan.jobs.append(Job(index, image, row, missing, read_txt_caption(image, metadata.root)))
         else:  # a row that holds every requested field is left exactly as it is
             plan.kept += 1
     for image in folder_images(metadata.root):
         if image not in listed:
             plan.jobs.append(Job(None, image, {"file_name": image.relative_to(metadata.root.resolve()).as_posix()},
-                                 list(fields), read_txt_caption(image)))
+                                 list(fields), read_txt_caption(image, metadata.root)))
     return plan
 
 
@@ -498,12 +516,8 @@ def parse_fields(value: str) -> list[str]:
 
 
 def check_args(args) -> tuple[Path, list[str], Trigger]:
-    for name in ("batch_size", "min_pixels", "max_pixels", "max_new_tokens", "max_images"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}.")
     if args.min_pixels > args.max_pixels:
-        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}.")
+        raise UserError(f"--min_pixels {args.min_pixels} is above --max_pixels {args.max_pixels}: lower the first or raise the second.")
     fields = parse_fields(args.caption_fields)
     token = args.instance_token.strip() if args.instance_token is not None else None
     if args.instance_token is not None and not token:

@@ -21,6 +21,8 @@ from pipeline_dopsd import ModelFamily
 logger = logging.getLogger("dopsd")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# The caption of a row when no --caption_column is given: the first of these it has.
+DEFAULT_CAPTION_KEYS = ("text", "caption", "prompt")
 
 
 @dataclass
@@ -64,26 +66,66 @@ def open_image(path_or_image, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def _read_caption(path: Path) -> str:
+# -- one rule for every file and caption read from the data -----------------------------------------------------------
+
+
+def _contained(root: Path, path: Path, what: str) -> Path:
+    """`path` with its symlinks resolved, refused unless it stays inside the data folder. Every file read from
+    --instance_data_dir (metadata.jsonl, the images it names, the images of the folder, .txt captions) goes through
+    here: a link out of the folder would put outside text into the model card that --push_to_hub uploads."""
     try:
-        caption = path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError:
-        raise UserError(f"caption {path} is not UTF-8 text: re-save it as UTF-8.") from None
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError up to Python 3.12)
+        raise UserError(f"{what} {path} is a symlink loop: replace it with the file itself.") from None
+    if not resolved.is_relative_to(root.resolve()):
+        raise UserError(f"{what} {path} points outside the dataset folder (to {resolved}): copy the file into {root}.")
+    return resolved
+
+
+def _caption(value, where: str, fix: str) -> str:
+    """One rule for every caption (a .txt file, a metadata.jsonl field, a dataset column): text with something in it."""
+    if not isinstance(value, str):
+        raise UserError(f"{where} is a {type(value).__name__}, not text: write the caption as a string.")
+    if "\0" in value:
+        raise UserError(f"{where} holds a NUL character (a binary or UTF-16 file?): {fix}.")
+    caption = value.strip()
     if not caption:
-        raise UserError(f"caption file {path} is empty: write a caption or delete it to use --instance_prompt.")
+        raise UserError(f"{where} is empty: {fix}.")
     return caption
 
 
-def _resolve_inside(root: Path, relative: str, where: str) -> Path:
-    candidate = Path(relative)
-    resolved = (root / candidate).resolve()
-    if candidate.is_absolute() or not resolved.is_relative_to(root.resolve()):
-        raise UserError(f"{where}: path {relative!r} points outside the dataset folder: use a path relative to {root}.")
-    return resolved
+def _read_text(path: Path, what: str) -> str:
+    """A UTF-8 file's text (a byte-order mark, as Windows editors write it, is accepted and dropped)."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder: it must be a UTF-8 text file.")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {what} {path} ({error.strerror}): make it readable or remove it.") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {error.start}): re-save it as UTF-8.") from None
+
+
+def _read_caption(root: Path, path: Path) -> str:
+    path = _contained(root, path, "caption file")
+    return _caption(_read_text(path, "caption"), f"caption file {path}",
+                    "write a caption or delete the file to use --instance_prompt")
 
 
 def _caption_columns(args) -> list[str] | None:
     return [c.strip() for c in args.caption_column.split(",") if c.strip()] if args.caption_column else None
+
+
+def _row_captions(row: dict, columns, where: str) -> tuple[list[str], list[str]]:
+    """(captions, missing columns) of one metadata or dataset row. With --caption_column every listed column the row
+    has counts (a row lacking some uses its others); without it, the first of text, caption, prompt. A null value
+    counts as absent."""
+    keys = columns or [k for k in DEFAULT_CAPTION_KEYS if row.get(k) is not None][:1]
+    present = [k for k in keys if row.get(k) is not None]
+    captions = [_caption(row[k], f"{where}: '{k}'", f"write a caption or remove '{k}'") for k in present]
+    return captions, [k for k in keys if k not in present]
 
 
 def collect_raw_examples(args):
@@ -95,32 +137,84 @@ def collect_raw_examples(args):
     return _dataset_examples(args, columns)
 
 
+def _metadata_rows(root: Path, metadata: Path) -> list[tuple[str, dict, Path]]:
+    """(where, row, image) for every row of metadata.jsonl, each row checked: one JSON object per line whose
+    'file_name' is a path relative to the folder naming an image file inside it, listed once."""
+    text = _read_text(_contained(root, metadata, "metadata file"), "metadata file")
+    rows, seen = [], {}
+    # JSON Lines are separated by \n only: str.splitlines would also split inside a caption holding U+2028.
+    for line_number, line in enumerate(text.split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        where = f"{metadata}:{line_number}"
+        if "\0" in line:
+            raise UserError(f"{where} holds a NUL byte (is the file UTF-16 or binary?): re-save {metadata.name} as UTF-8 text.")
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{where} is not valid JSON ({error.msg}): fix the line.") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where} is a JSON {type(row).__name__}, not an object: write one "
+                            '{"file_name": "01.jpg", "text": "..."} per line.')
+        if "file_name" not in row:
+            raise UserError(f"{where} has no 'file_name': add the image path relative to {root}.")
+        name = row["file_name"]
+        if not isinstance(name, str) or not name.strip() or "\0" in name:
+            raise UserError(f"{where}: 'file_name' must be the image's path relative to {root}, got {name!r}.")
+        if Path(name).is_absolute():
+            raise UserError(f"{where}: path {name!r} points outside the dataset folder: use a path relative to {root}.")
+        image = _contained(root, root / name, f"{where}: 'file_name'")
+        if image.is_dir():
+            raise UserError(f"{where}: 'file_name' {name!r} is a folder: name an image file.")
+        if not image.exists():
+            raise UserError(f"{where}: 'file_name' {name!r} does not exist in {root}: fix the path or delete the line.")
+        if image in seen:
+            raise UserError(f"{where} lists {name!r} again (first at line {seen[image]}): merge the two rows.")
+        seen[image] = line_number
+        rows.append((where, row, image))
+    if not rows:
+        raise UserError(f"{metadata} is empty: add one {{\"file_name\": ..., \"text\": ...}} line per image, or delete it to "
+                        "use .txt captions and --instance_prompt.")
+    return rows
+
+
 def _folder_examples(root: Path, columns, instance_prompt):
     if not root.is_dir():
         raise UserError(f"--instance_data_dir {root} does not exist or is not a folder.")
     metadata = root / "metadata.jsonl"
     rows = []
-    if metadata.exists():
-        for line_number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{metadata}:{line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{where} is not valid JSON: fix the line.") from None
-            if "file_name" not in row:
-                raise UserError(f"{where} has no 'file_name': add the image path relative to {root}.")
-            path = _resolve_inside(root, row["file_name"], where)
-            keys = columns or [k for k in ("text", "caption", "prompt") if k in row][:1]
-            captions = [str(row[k]) for k in keys if row.get(k)]
+    if metadata.exists() or metadata.is_symlink():
+        entries = _metadata_rows(root, metadata)
+        fields = {key for _, row, _ in entries for key in row}
+        if columns and (unknown := [c for c in columns if c not in fields]):
+            raise UserError(f"--caption_column {','.join(unknown)} matches no field of {metadata} (fields: "
+                            f"{', '.join(sorted(fields))}): fix the name.")
+        partial = 0
+        for where, row, path in entries:
+            captions, missing = _row_captions(row, columns, where)
+            partial += bool(captions and missing)
             rows.append((str(path), path, captions or ([instance_prompt] if instance_prompt else [])))
+        if partial:
+            logger.warning("%d rows of %s lack some of --caption_column %s: they train on their other listed captions.",
+                           partial, metadata, ",".join(columns))
     else:
-        for path in sorted(root.iterdir()):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        try:
+            listing = sorted(root.iterdir())
+        except OSError as error:
+            raise UserError(f"cannot list --instance_data_dir {root} ({error.strerror}): fix its permissions.") from None
+        for path in listing:
+            # Hidden files are not training images (macOS writes ._name.jpg beside every copied photo).
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
                 continue
+            image = _contained(root, path, "image")
+            if image.is_dir():
+                continue
+            if not image.exists():
+                raise UserError(f"image {path} is a link to a missing file: fix the link or remove it.")
             caption_file = path.with_suffix(".txt")
-            captions = [_read_caption(caption_file)] if caption_file.exists() else ([instance_prompt] if instance_prompt else [])
+            has_caption = caption_file.exists() or caption_file.is_symlink()
+            captions = [_read_caption(root, caption_file)] if has_caption else ([instance_prompt] if instance_prompt else [])
             rows.append((str(path), path, captions))
     if not rows:
         raise UserError(f"--instance_data_dir {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
@@ -141,7 +235,7 @@ def _dataset_examples(args, columns):
         raise UserError(f"cannot load --dataset_name {args.dataset_name} ({type(error).__name__}: {error}).") from None
     if args.image_column not in names:
         raise UserError(f"--image_column {args.image_column} is not a column of {args.dataset_name} (columns: {', '.join(names)}).")
-    columns = columns or [c for c in ("text", "caption", "prompt") if c in names][:1]
+    columns = columns or [c for c in DEFAULT_CAPTION_KEYS if c in names][:1]
     missing = [c for c in columns if c not in names]
     if missing:
         raise UserError(f"--caption_column {','.join(missing)} not in {args.dataset_name} (columns: {', '.join(names)}).")
@@ -151,7 +245,8 @@ def _dataset_examples(args, columns):
 def _dataset_rows(args, dataset, columns):
     """Rows one at a time, so that a streamed dataset is never held whole in memory."""
     for i, row in enumerate(dataset):
-        captions = [str(row[c]) for c in columns if row.get(c)] or ([args.instance_prompt] if args.instance_prompt else [])
+        captions, _ = _row_captions(row, columns, f"row {i} of {args.dataset_name}")
+        captions = captions or ([args.instance_prompt] if args.instance_prompt else [])
         if not captions:
             raise UserError(f"row {i} of {args.dataset_name} has no caption: pass --caption_column or --instance_prompt.")
         yield f"{args.dataset_name}[{i}]", row[args.image_column], captions
@@ -324,6 +419,7 @@ class ConditionCache:
         encoder and a 4B VLM never sit on the GPU together, and nothing moves when the disk cache is complete).
         Ranks split the work when the cache is on disk; call after every rank has indexed, then wait for all."""
         todo = self.index(examples, method, rows)
+        fitted = self.fit_captions(family, [*examples, *rows], method, warn=rank == 0)
         for kind in ("student", "teacher", "latents"):
             missing = [(n, entry) for n, entry in enumerate(todo) if entry[0] == kind and not self._has(entry[1])]
             mine = [entry for n, entry in missing if self.directory is None or n % world_size == rank]
@@ -334,13 +430,37 @@ class ConditionCache:
                 module.to(device)
             for _, key, prompt, example in mine:
                 if kind == "student":
-                    self._put(key, family.encode_student([prompt])[0])
+                    self._put(key, family.encode_student([fitted[prompt]])[0])
                 elif kind == "teacher":
-                    self._put(key, family.encode_teacher([prompt], [example.image])[0])
+                    try:
+                        condition = family.encode_teacher([fitted[prompt]], [example.image])[0]
+                    except ValueError as error:  # the Z-Image teacher's context is over the transformer's limit
+                        raise UserError(f"{example.name}: {error}") from None
+                    self._put(key, condition)
                 else:
                     self._put(key, {"latents": family.encode_images(image_tensor(example.image))[0]})
             for module in encoders:
                 module.to("cpu")
+
+    @staticmethod
+    def fit_captions(family: ModelFamily, examples, method: str, warn: bool = True) -> dict[str, str]:
+        """Every caption -> the text that is encoded: the caption itself, or its start where the text encoder would not
+        read it whole (family.fit_caption; stock inference cuts it at the same place), with one warning per image.
+        The cache keys stay the captions themselves."""
+        fitted = {}
+        for example in examples:
+            for caption in example.captions:
+                if caption in fitted:
+                    continue
+                fitted[caption] = family.fit_caption(caption, teacher=method == "dopsd")
+                if not fitted[caption]:
+                    raise UserError(f"{example.name}: the teacher's prompt suffix alone is longer than the "
+                                    f"{family.max_sequence_length} tokens the text encoder reads: shorten --teacher_prompt_suffix.")
+                if warn and fitted[caption] != caption:
+                    logger.warning("%s: its caption is longer than the %d tokens %s's text encoder reads; training on the "
+                                   "first %d of its %d characters (the stock pipeline cuts long prompts there too).",
+                                   example.name, family.max_sequence_length, family.display_name, len(fitted[caption]), len(caption))
+        return fitted
 
     def index(self, examples, method, rows=()):
         """Name every entry this run needs; returns (kind, key, prompt, example) for each. `rows` are the validation

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import dopsd_flags as flags
 import dopsd_metrics as metrics
 from dopsd_args import UserError, load_model_index, run_main
 from dopsd_data import open_image
@@ -46,53 +47,56 @@ COLUMN_LABEL = re.compile(r"^[\w.+-]+$")  # "sft+adapter" too
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = flags.Parser(description=__doc__.splitlines()[0])
     models = p.add_argument_group("models")
-    models.add_argument("--pretrained_model_name_or_path", "--pretrained_model", required=True,
+    models.add_argument("--pretrained_model_name_or_path", "--pretrained_model", required=True, type=flags.text,
                         help="The base model (a diffusers folder or Hub id), e.g. Tongyi-MAI/Z-Image-Turbo.")
-    models.add_argument("--revision", default=None, help="Revision of the base model on the Hub.")
-    models.add_argument("--variant", default=None, help="Weight variant of the base model, e.g. fp16.")
-    models.add_argument("--cache_dir", default=None, help="Cache folder for downloaded models.")
-    models.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH",
+    models.add_argument("--revision", default=None, type=flags.text, help="Revision of the base model on the Hub.")
+    models.add_argument("--variant", default=None, type=flags.text, help="Weight variant of the base model, e.g. fp16.")
+    models.add_argument("--cache_dir", default=None, type=flags.text, help="Cache folder for downloaded models.")
+    models.add_argument("--lora", action="append", default=[], type=flags.text, metavar="[NAME=]PATH",
                         help="A LoRA to evaluate: a folder with pytorch_lora_weights.safetensors, a .safetensors file "
                              "or a Hub repo. Repeat to compare several side by side; NAME labels its column.")
-    models.add_argument("--sft_lora", default=None, metavar="[NAME=]PATH",
+    models.add_argument("--sft_lora", default=None, type=flags.text, metavar="[NAME=]PATH",
                         help="A LoRA trained with --method sft, shown as its own column (labelled 'sft' by default, 'sft+adapter' "
                              "when its args.json names a --training_adapter, which is not loaded: it is dropped after "
                              "training).")
-    models.add_argument("--transformer", action="append", default=[], metavar="[NAME=]PATH",
+    models.add_argument("--transformer", action="append", default=[], type=flags.text, metavar="[NAME=]PATH",
                         help="A fully fine-tuned transformer (its folder, or a folder holding transformer/), instead of "
                              "--lora. Repeatable.")
 
     data = p.add_argument_group("prompts and generation")
-    data.add_argument("--eval_file", required=True,
+    data.add_argument("--eval_file", required=True, type=flags.text,
                       help="JSON lines: prompt, optional reference_image (relative to the file), class_name, "
                            "concept_token, concept_mode.")
-    data.add_argument("--output_dir", default="eval_out", help="Where metrics.json, metrics.md, grid.png and images/ go (default: %(default)s).")
-    data.add_argument("--num_inference_steps", type=int, default=None,
+    data.add_argument("--output_dir", default="eval_out", type=flags.text, help="Where metrics.json, metrics.md, grid.png and images/ go (default: %(default)s).")
+    data.add_argument("--num_inference_steps", type=flags.positive_int, default=None,
                       help="Sampling steps (default: the family's native count, 8 for Z-Image-Turbo, 4 for FLUX.2-klein).")
-    data.add_argument("--height", type=int, default=None, help="Image height (default: the family's default size).")
-    data.add_argument("--width", type=int, default=None, help="Image width (default: the family's default size).")
-    data.add_argument("--seeds", default="0,1",
+    # Both families' latents are a sixteenth of the image (VAE factor 8, 2x2 patches).
+    data.add_argument("--height", type=flags.integer(16, multiple_of=16), default=None,
+                      help="Image height, a multiple of 16 (default: the family's default size).")
+    data.add_argument("--width", type=flags.integer(16, multiple_of=16), default=None,
+                      help="Image width, a multiple of 16 (default: the family's default size).")
+    data.add_argument("--seeds", default="0,1", type=flags.seed_list,
                       help="Comma-separated seeds; every prompt is generated once per seed, with the same noise for every model "
                            "(default: %(default)s).")
 
     scoring = p.add_argument_group("metrics")
-    scoring.add_argument("--dino_model", default="facebook/dinov2-small",
+    scoring.add_argument("--dino_model", default="facebook/dinov2-small", type=flags.text,
                          help="DINO model for the DINO distance, a DINOv2 or DINOv3 ViT from transformers (default: %(default)s).")
-    scoring.add_argument("--clip_model", default="openai/clip-vit-large-patch14", help="CLIP model for CLIP-I and CLIP-S (default: %(default)s).")
+    scoring.add_argument("--clip_model", default="openai/clip-vit-large-patch14", type=flags.text, help="CLIP model for CLIP-I and CLIP-S (default: %(default)s).")
     scoring.add_argument("--lpips", action="store_true",
                          help="Also compute LPIPS-VGG to the reference and to the base image (needs `pip install lpips`).")
-    scoring.add_argument("--vlm_judge", default=None, metavar="QWEN3_VL",
+    scoring.add_argument("--vlm_judge", default=None, type=flags.text, metavar="QWEN3_VL",
                          help="A Qwen3-VL model that judges concept consistency (VLM-J), e.g. Qwen/Qwen3-VL-8B-Instruct. Off by default.")
-    scoring.add_argument("--quality_warn_ratio", type=float, default=metrics.DEFAULT_QUALITY_WARN_RATIO,
+    scoring.add_argument("--quality_warn_ratio", type=flags.positive_number, default=metrics.DEFAULT_QUALITY_WARN_RATIO,
                          help="Flag models whose sharpness ratio to the base falls below this: blur, few-step quality lost "
                               "(default: %(default)s).")
 
     runtime = p.add_argument_group("runtime")
     runtime.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                          help="Weight dtype of the generating pipeline and the judge (default: bf16 on a GPU, no on CPU).")
-    runtime.add_argument("--device", default=None, help="Torch device (default: cuda if available, else cpu).")
+    runtime.add_argument("--device", default=None, type=flags.text, help="Torch device (default: cuda if available, else cpu).")
     return p
 
 
@@ -123,11 +127,19 @@ def read_eval_file(path: str) -> list[EvalPrompt]:
     eval_file = Path(path)
     if not eval_file.is_file():
         raise UserError(f"--eval_file {path} does not exist: pass a JSON-lines file with one {{\"prompt\": ...}} per line.")
+    try:
+        text = eval_file.read_bytes().decode("utf-8-sig")  # a byte-order mark (Windows editors) is accepted
+    except OSError as error:
+        raise UserError(f"cannot read --eval_file {path} ({error.strerror}): make it readable.") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"--eval_file {path} is not UTF-8 text (byte {error.start}): re-save it as UTF-8.") from None
     prompts = []
-    for number, line in enumerate(eval_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # JSON Lines end at \n only, not at U+2028
         if not line.strip():
             continue
         where = f"{path} line {number}"
+        if "\0" in line:
+            raise UserError(f"{where} holds a NUL byte (is the file UTF-16 or binary?): re-save it as UTF-8 text.")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
@@ -249,24 +261,6 @@ def model_columns(args) -> list[Column]:
             raise UserError(f"two columns are named {name!r}{' (reserved for the base model)' if name == 'base' else ''}: "
                             "label them with NAME=PATH.")
     return columns
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {text!r} is not a comma-separated list of integers, e.g. --seeds 0,1,2.") from None
-    if not seeds:
-        raise UserError("--seeds is empty: pass e.g. --seeds 0,1.")
-    return seeds
-
-
-def check_numbers(args):
-    for flag in ("num_inference_steps", "height", "width"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
-    if args.quality_warn_ratio <= 0:
-        raise UserError(f"--quality_warn_ratio must be positive, got {args.quality_warn_ratio}.")
 
 
 def check_scoring_models(args, prompts: list[EvalPrompt]):
@@ -570,9 +564,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)  # progress of this script only; the libraries' INFO logs would drown it
     prompts = read_eval_file(args.eval_file)
-    seeds = parse_seeds(args.seeds)
+    seeds = args.seeds  # a list: flags.seed_list parsed and checked it
     columns = model_columns(args)
-    check_numbers(args)
     check_base_model(args)
     check_scoring_models(args, prompts)
     output_dir = Path(args.output_dir)

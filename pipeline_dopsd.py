@@ -125,6 +125,43 @@ class ModelFamily:
     def default_size(self) -> tuple[int, int]:
         raise NotImplementedError
 
+    # The stock pipelines' encode_prompt keeps this many tokens of the chat-templated prompt and drops the rest unsaid.
+    max_sequence_length = 512
+    # Keyword arguments of the family's chat template in the stock encode_prompt.
+    chat_template_kwargs: dict = {}
+
+    def text_prompts(self, caption: str, teacher: bool = True) -> list[str]:
+        """The prompts the text encoder reads for a training caption (the student's, and the teacher's when it differs)."""
+        return [caption]
+
+    def _fits(self, caption: str, teacher: bool) -> bool:
+        tokenizer = self.pipe.tokenizer
+        for prompt in self.text_prompts(caption, teacher):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True, **self.chat_template_kwargs)
+            if len(tokenizer(text)["input_ids"]) > self.max_sequence_length:
+                return False
+        return True
+
+    def fit_caption(self, caption: str, teacher: bool = True) -> str:
+        """The longest start of `caption`, in whole tokens, whose prompts the text encoder reads whole.
+
+        The stock pipeline cuts a long prompt at max_sequence_length tokens, its chat template's closing tokens with
+        it, so inference never sees more; training on the same start keeps the student's prompt and the teacher's (with
+        its suffix, for klein) the same text, instead of the teacher losing its suffix or overflowing its context."""
+        if self._fits(caption, teacher):
+            return caption
+        offsets = self.pipe.tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ends = [end for _, end in offsets]
+        low, high = 0, len(ends)  # the most caption tokens that fit
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self._fits(caption[: ends[middle - 1]], teacher):
+                low = middle
+            else:
+                high = middle - 1
+        return caption[: ends[low - 1]].rstrip() if low else ""
+
     def encode_student(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         raise NotImplementedError
 
@@ -238,6 +275,7 @@ class ZImageFamily(ModelFamily):
     ))
     tags = ("z-image", "z-image-turbo")
     reference_train_steps = 2000
+    chat_template_kwargs = {"enable_thinking": True}  # as ZImagePipeline._encode_prompt templates the prompt
     sft_noise_levels = dreambooth_noise_levels
 
     def __init__(self, pipe):
@@ -430,6 +468,7 @@ class Flux2KleinFamily(ModelFamily):
     }
     tags = ("flux2", "flux2-klein")
     reference_train_steps = 3001
+    chat_template_kwargs = {"enable_thinking": False}  # as Flux2KleinPipeline._get_qwen3_prompt_embeds templates it
     # The reference scripts' --edit-sys-prompt.
     default_teacher_prompt_suffix = (
         "Make the main subject (facial/ip details), background, and overall composition consistent with the reference image."
@@ -531,6 +570,9 @@ class Flux2KleinFamily(ModelFamily):
 
     def teacher_prompt(self, prompt: str) -> str:
         return f"{prompt} {self.teacher_prompt_suffix}".strip()
+
+    def text_prompts(self, caption: str, teacher: bool = True) -> list[str]:
+        return [caption, self.teacher_prompt(caption)] if teacher else [caption]
 
     @torch.no_grad()
     def _encode_text(self, prompts):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+import dopsd_flags as flags
 from dopsd_args import UserError, build_parser, finalize_args, run_main
 from dopsd_training import ema_update, logger, train
 from pipeline_dopsd import weights_dtype
@@ -36,7 +37,8 @@ def make_parser():
     full.add_argument("--ema_device", choices=["accelerator", "cpu"], default="accelerator",
                       help="Where the EMA teacher lives; cpu keeps it in host memory and streams it block by block "
                            "to the accelerator for its forwards (diffusers group offloading).")
-    full.add_argument("--max_shard_size", default="5GB", help="Largest safetensors shard of the saved transformer.")
+    full.add_argument("--max_shard_size", default="5GB", type=flags.shard_size,
+                      help="Largest safetensors shard of the saved transformer: bytes, or a size in KB, MB, GB or TB.")
     return parser
 
 

@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+import dopsd_flags as flags
 from dopsd_args import UserError, build_parser, finalize_args, run_main
 from dopsd_engines import Engine
 from dopsd_training import ema_update, logger, train
@@ -38,9 +39,9 @@ def fold_lora_scale(state: dict[str, torch.Tensor], scale: float) -> dict[str, t
 def make_parser():
     parser = build_parser(__doc__.split("\n\n")[0])
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--rank", type=int, default=64, help="LoRA rank.")
-    lora.add_argument("--lora_alpha", type=int, default=128, help="LoRA alpha (scale alpha / rank).")
-    lora.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout.")
+    lora.add_argument("--rank", type=flags.positive_int, default=64, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=flags.positive_int, default=128, help="LoRA alpha (scale alpha / rank).")
+    lora.add_argument("--lora_dropout", type=flags.open_fraction, default=0.0, help="LoRA dropout.")
     lora.add_argument("--lora_format", choices=["diffusers", "comfyui"], default="diffusers",
                       help="Keys of the final pytorch_lora_weights.safetensors: diffusers (transformer.*) or comfyui "
                            "(diffusion_model.*; BFL names for FLUX.2, for ComfyUI before 0.9.2). diffusers' "
@@ -51,15 +52,15 @@ def make_parser():
                            "feed-forward for Z-Image-Turbo, the double-stream attention only for FLUX.2-klein; all: for "
                            "FLUX.2-klein also its double-stream feed-forwards and single-stream blocks (Z-Image-Turbo: "
                            "the same as reference).")
-    lora.add_argument("--lora_layers", default=None,
+    lora.add_argument("--lora_layers", default=None, type=flags.name_list,
                       help="Comma-separated module-name suffixes to adapt, matched against every Linear of the "
                            "transformer, instead of a --lora_preset.")
-    lora.add_argument("--training_adapter", default=None, metavar="PATH_OR_HUB_ID",
+    lora.add_argument("--training_adapter", default=None, type=flags.text, metavar="PATH_OR_HUB_ID",
                       help="With --method sft: a diffusers-format LoRA (a .safetensors file, a folder holding one, a Hub "
                            "id, or a Hub id followed by the file's path in the repo) kept frozen and active in every "
                            "training forward and backward, never saved into the output and never used at inference or in "
                            "validation (e.g. a de-distillation 'training adapter' that slows the loss of few-step quality).")
-    lora.add_argument("--bnb_quantization_config_path", default=None,
+    lora.add_argument("--bnb_quantization_config_path", default=None, type=flags.text,
                       help="JSON of a bitsandbytes config (e.g. {\"load_in_4bit\": true, \"bnb_4bit_quant_type\": \"nf4\"}) "
                            "to hold the frozen base transformer in 4 or 8 bits (QLoRA; needs a CUDA GPU).")
     return parser

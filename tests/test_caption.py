@@ -271,7 +271,6 @@ def no_model_load(monkeypatch):
     ("unknown model", "cannot read the config of --vlm_name_or_path"),
     ("not a Qwen3-VL", "is a qwen3 model, not Qwen3-VL"),
     ("unknown field", "unknown field long_en"),
-    ("zero batch", "--batch_size must be at least 1"),
     ("broken metadata", r"metadata\.jsonl:2 is not valid JSON"),
     ("row outside the folder", "points outside the dataset folder"),
     ("placement without trigger", "--trigger_placement prefix places --instance_token"),
@@ -279,8 +278,7 @@ def no_model_load(monkeypatch):
 def test_bad_input_is_named_before_the_model_loads(tmp_path, folder, vlm, tiny_models, no_model_load, case, message):
     argv = {"unknown model": ["--vlm_name_or_path", str(tmp_path / "no-such-model")],
             "not a Qwen3-VL": ["--vlm_name_or_path", str(tiny_models / "z-image" / "text_encoder")],
-            "unknown field": ["--caption_fields", "short_en,long_en"], "zero batch": ["--batch_size", "0"],
-            "placement without trigger": ["--trigger_placement", "prefix"]}.get(case, [])
+            "unknown field": ["--caption_fields", "short_en,long_en"], "placement without trigger": ["--trigger_placement", "prefix"]}.get(case, [])
     target = folder
     if case == "missing folder":
         target = tmp_path / "nowhere"

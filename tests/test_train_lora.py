@@ -129,7 +129,6 @@ def test_bad_inputs_are_refused_before_any_model_is_loaded(tiny_models, sample_d
         ([*model, "--instance_data_dir", str(empty)], "holds no images"),
         (["--pretrained_model_name_or_path", str(unsupported), "--instance_data_dir", str(sample_data)],
          "StableDiffusionPipeline is not supported.*Flux2KleinPipeline"),
-        ([*model, "--instance_data_dir", str(sample_data), "--resolution", "100"], "multiple of 16"),
         (["--pretrained_model_name_or_path", str(tiny_models / "flux2-klein-base"), "--instance_data_dir", str(sample_data)],
          "not step-distilled"),
         (["--pretrained_model_name_or_path", str(tiny_models / "flux2-klein"), "--instance_data_dir", str(small)], "tiny.png.*64 px"),
