@@ -137,41 +137,52 @@ def collect_raw_examples(args):
     return _dataset_examples(args, columns)
 
 
-def _metadata_rows(root: Path, metadata: Path) -> list[tuple[str, dict, Path]]:
-    """(where, row, image) for every row of metadata.jsonl, each row checked: one JSON object per line whose
-    'file_name' is a path relative to the folder naming an image file inside it, listed once."""
-    text = _read_text(_contained(root, metadata, "metadata file"), "metadata file")
-    rows, seen = [], {}
+def json_lines(text: str, source, example: str, separator: str = ":"):
+    """(line index, f"{source}{separator}{line}", row) for every non-blank line of a JSON Lines text (metadata.jsonl,
+    an eval file), each line checked to be one JSON object; `example` shows a good line in the error."""
     # JSON Lines are separated by \n only: str.splitlines would also split inside a caption holding U+2028.
-    for line_number, line in enumerate(text.split("\n"), 1):
+    for index, line in enumerate(text.split("\n")):
         line = line.rstrip("\r")
         if not line.strip():
             continue
-        where = f"{metadata}:{line_number}"
+        where = f"{source}{separator}{index + 1}"
         if "\0" in line:
-            raise UserError(f"{where} holds a NUL byte (is the file UTF-16 or binary?): re-save {metadata.name} as UTF-8 text.")
+            raise UserError(f"{where} holds a NUL byte (is the file UTF-16 or binary?): re-save {Path(source).name} as UTF-8 text.")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise UserError(f"{where} is not valid JSON ({error.msg}): fix the line.") from None
         if not isinstance(row, dict):
-            raise UserError(f"{where} is a JSON {type(row).__name__}, not an object: write one "
-                            '{"file_name": "01.jpg", "text": "..."} per line.')
-        if "file_name" not in row:
-            raise UserError(f"{where} has no 'file_name': add the image path relative to {root}.")
-        name = row["file_name"]
-        if not isinstance(name, str) or not name.strip() or "\0" in name:
-            raise UserError(f"{where}: 'file_name' must be the image's path relative to {root}, got {name!r}.")
-        if Path(name).is_absolute():
-            raise UserError(f"{where}: path {name!r} points outside the dataset folder: use a path relative to {root}.")
-        image = _contained(root, root / name, f"{where}: 'file_name'")
+            raise UserError(f"{where} is a JSON {type(row).__name__}, not an object: write one {example} per line.")
+        yield index, where, row
+
+
+def row_file(root: Path, row: dict, where: str) -> Path:
+    """The resolved path a metadata row's 'file_name' names: a path relative to the data folder that stays inside it."""
+    if "file_name" not in row:
+        raise UserError(f"{where} has no 'file_name': add the image path relative to {root}.")
+    name = row["file_name"]
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise UserError(f"{where}: 'file_name' must be the image's path relative to {root}, got {name!r}.")
+    if Path(name).is_absolute():
+        raise UserError(f"{where}: path {name!r} points outside the dataset folder: use a path relative to {root}.")
+    return _contained(root, root / name, f"{where}: 'file_name'")
+
+
+def _metadata_rows(root: Path, metadata: Path) -> list[tuple[str, dict, Path]]:
+    """(where, row, image) for every row of metadata.jsonl, each row checked: one JSON object per line whose
+    'file_name' is a path relative to the folder naming an image file inside it, listed once."""
+    text = _read_text(_contained(root, metadata, "metadata file"), "metadata file")
+    rows, seen = [], {}
+    for index, where, row in json_lines(text, metadata, example='{"file_name": "01.jpg", "text": "..."}'):
+        image, name = row_file(root, row, where), row["file_name"]
         if image.is_dir():
             raise UserError(f"{where}: 'file_name' {name!r} is a folder: name an image file.")
         if not image.exists():
             raise UserError(f"{where}: 'file_name' {name!r} does not exist in {root}: fix the path or delete the line.")
         if image in seen:
             raise UserError(f"{where} lists {name!r} again (first at line {seen[image]}): merge the two rows.")
-        seen[image] = line_number
+        seen[image] = index + 1
         rows.append((where, row, image))
     if not rows:
         raise UserError(f"{metadata} is empty: add one {{\"file_name\": ..., \"text\": ...}} line per image, or delete it to "

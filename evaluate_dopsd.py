@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 import dopsd_flags as flags
 import dopsd_metrics as metrics
 from dopsd_args import UserError, load_model_index, run_main
-from dopsd_data import open_image
+from dopsd_data import json_lines, open_image
 from pipeline_dopsd import family_class
 
 logger = logging.getLogger("dopsd.evaluate")
@@ -134,17 +134,8 @@ def read_eval_file(path: str) -> list[EvalPrompt]:
     except UnicodeDecodeError as error:
         raise UserError(f"--eval_file {path} is not UTF-8 text (byte {error.start}): re-save it as UTF-8.") from None
     prompts = []
-    for number, line in enumerate(text.split("\n"), start=1):  # JSON Lines end at \n only, not at U+2028
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        if "\0" in line:
-            raise UserError(f"{where} holds a NUL byte (is the file UTF-16 or binary?): re-save it as UTF-8 text.")
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{where} is not valid JSON ({error.msg}): write one JSON object per line.") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+    for _, where, row in json_lines(text, path, example='{"prompt": "a photo of [V] dog", ...}', separator=" line "):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise UserError(f'{where} has no "prompt": every line needs {{"prompt": "a photo of [V] dog", ...}}.')
         for key in ("reference_image", "class_name", "concept_token"):
             if row.get(key) is not None and not isinstance(row[key], str):
