@@ -27,8 +27,7 @@ from dopsd_args import UserError
 from dopsd_engines import engine_for, report
 from dopsd_data import BucketBatches, ConditionCache, Example, caption_of, collect_raw_examples, load_examples
 from dopsd_outputs import (check_resume_matches, checkpoint_dirs, claim_output_dir, forget_after, make_grid, public_args, push_to_hub,
-                           refuse_earlier_run,
-                           resolve_resume, save_args, save_checkpoint, save_final_outputs, trigger_words,
+                           refuse_earlier_run, resolve_resume, save_args, save_checkpoint, save_final_outputs, trigger_words,
                            validation_generator, write_model_card)
 from pipeline_dopsd import ModelFamily, euler_step, rollout_sigmas, x0_from_velocity
 
@@ -330,24 +329,30 @@ def fingerprint(tensors) -> torch.Tensor:
     return total
 
 
+AFTER_DIVERGING = "the last checkpoint is kept; lower --learning_rate (or --max_grad_norm) and resume with --resume_from_checkpoint latest."
+
+
 def diverged(what: str, step: int) -> UserError:
-    return UserError(f"{what} at step {step}: training stopped before it reached the weights, the last checkpoint is "
-                     "kept; lower --learning_rate (or --max_grad_norm) and resume with --resume_from_checkpoint latest.")
+    return UserError(f"{what} at step {step}: training stopped before it reached the weights, {AFTER_DIVERGING}")
 
 
-def check_finite(adaptation, step: int, what: str):
-    """Never write non-finite weights: a checkpoint, once written, is one a run can resume from (collective)."""
-    for role in ("student", "teacher"):
-        if not torch.isfinite(adaptation.fingerprint(role)).all():
-            raise UserError(f"the {role} weights are not finite at step {step}, so {what} was not written: the last "
-                            "checkpoint is kept; lower --learning_rate (or --max_grad_norm) and resume with "
-                            "--resume_from_checkpoint latest.")
+def weight_fingerprints(adaptation) -> torch.Tensor:
+    """Fingerprints of the whole student and teacher, one row each (collective)."""
+    return torch.stack([adaptation.fingerprint("student"), adaptation.fingerprint("teacher")])
 
 
-def check_ranks_agree(accelerator, adaptation):
+def check_finite(prints: torch.Tensor, step: int, what: str):
+    """Never write non-finite weights: a checkpoint, once written, is one a run can resume from."""
+    for role, row in zip(("student", "teacher"), prints):
+        if not torch.isfinite(row).all():
+            raise UserError(f"the {role} weights are not finite at step {step}, so {what} was not written: {AFTER_DIVERGING}")
+
+
+def check_ranks_agree(accelerator, adaptation, prints: torch.Tensor):
     """Every rank must end with the same whole student and teacher, and none may be empty or missing elements: the
-    fingerprints of the gathered weights are compared across ranks and their element counts with the model's."""
-    prints = torch.stack([adaptation.fingerprint("student"), adaptation.fingerprint("teacher")]).to(accelerator.device)
+    fingerprints of the gathered weights (`weight_fingerprints`) are compared across ranks and their element counts
+    with the model's."""
+    prints = prints.to(accelerator.device)
     gathered = accelerator.gather(prints[None]).view(accelerator.num_processes, 2, 3).cpu()
     expected = torch.tensor([adaptation.expected_numel("student"), adaptation.expected_numel("teacher")], dtype=torch.float64)
     if not torch.equal(gathered, gathered[:1].expand_as(gathered)) or not torch.equal(gathered[0, :, 0], expected):
@@ -423,7 +428,7 @@ def optimize(run: Run, model, optimizer, lr_scheduler, batches, noise_generator,
                 f.write(json.dumps({"step": step, **logs}) + "\n")
 
         if step % args.checkpointing_steps == 0:
-            check_finite(adaptation, step, f"checkpoint-{step}")
+            check_finite(weight_fingerprints(adaptation), step, f"checkpoint-{step}")
             state = {
                 "step": step,
                 "args": public_args(args),
@@ -491,8 +496,9 @@ def train(args, family_cls, adaptation_cls):
                         f"({'from ' + done[-1].name if done else 'no checkpoint yet: it starts over'}).", exit_code=130) from None
 
     accelerator.wait_for_everyone()
-    check_ranks_agree(accelerator, adaptation)
-    check_finite(adaptation, step, "the final weights")
+    prints = weight_fingerprints(adaptation)
+    check_finite(prints, step, "the final weights")
+    check_ranks_agree(accelerator, adaptation, prints)
     save_final_outputs(accelerator, adaptation, output_dir)
     samples = []
     if accelerator.is_main_process:
