@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dopsd_flags as flags
 from dopsd_metrics import DEFAULT_QUALITY_WARN_RATIO
-from pipeline_dopsd import FAMILIES, Flux2KleinFamily, ModelFamily, family_class
+from pipeline_dopsd import FAMILIES, TASKS, Flux2KleinEditFamily, Flux2KleinFamily, ModelFamily, family_class
 
 # The reference recipe's buckets around 1 MP, as (height, width); --resolution rescales them to its pixel budget.
 REFERENCE_BUCKETS = "1024,1024;896,1152;1152,896;864,1152;1152,864;832,1248;1248,832;720,1280;1280,720;576,1344;1344,576"
@@ -75,12 +75,18 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                        help="Z-Image only: largest pixel budget of the teacher VLM's view of the target image.")
     model.add_argument("--teacher_prompt_suffix", default=None,
                        help="FLUX.2-klein only: text appended to the teacher's prompt (default: the reference scripts' "
-                            f"'{Flux2KleinFamily.default_teacher_prompt_suffix}').")
+                            f"'{Flux2KleinFamily.default_teacher_prompt_suffix}'; for --task edit, their gt-ref edit "
+                            f"suffix '{Flux2KleinEditFamily.default_teacher_prompt_suffix}').")
 
     data = p.add_argument_group("data")
+    data.add_argument("--task", choices=TASKS, default="text-to-image",
+                      help="What the model learns: 'text-to-image', or 'edit' (FLUX.2-klein): an editing LoRA from "
+                           "(source image(s), instruction, edited target) rows; the student is klein's editing path, the "
+                           "teacher also sees the target as its last reference image.")
     data.add_argument("--instance_data_dir", default=None, type=flags.text,
                       help="Folder of training images with same-stem .txt captions or a metadata.jsonl "
-                           "(file_name + caption fields).")
+                           "(file_name + caption fields; for --task edit also source_image, a path or a list of paths, "
+                           "or the reference's local_path_list of sources then target).")
     data.add_argument("--instance_prompt", default=None, type=flags.text,
                       help="Caption for images that have none, e.g. 'a photo of [V] dog'.")
     data.add_argument("--dataset_name", default=None, type=flags.text,
@@ -90,10 +96,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                       help="Stream --dataset_name instead of downloading it whole; images are cropped to their bucket as "
                            "they arrive and dropped once their conditions are cached.")
     data.add_argument("--cache_dir", default=None, type=flags.text, help="Cache folder for downloaded models and datasets.")
-    data.add_argument("--image_column", default="image", type=flags.text, help="Image column of --dataset_name.")
+    data.add_argument("--image_column", default="image", type=flags.text,
+                      help="Image column of --dataset_name (for --task edit: the edited target).")
+    data.add_argument("--source_image_column", default="source_image", type=flags.name_list,
+                      help="--task edit with --dataset_name: the column(s) holding the image(s) to edit, in order "
+                           "(comma-separated; a column may hold a list of images).")
     data.add_argument("--caption_column", default=None, type=flags.name_list,
                       help="Caption column(s); a comma-separated list samples one column per step "
-                           "(the reference's multi-granularity captions). Default: 'text', 'caption' or 'prompt', the "
+                           "(the reference's multi-granularity captions). Default: 'text', 'caption', 'prompt' or "
+                           "'instruction', the "
                            "first a row has. Every listed column must exist in the data; a row that lacks some of them "
                            "uses its other listed captions, and a row with none of them --instance_prompt.")
     data.add_argument("--resolution", type=flags.integer(16, multiple_of=16), default=1024,
@@ -203,9 +214,9 @@ def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
 
     config = load_model_index(args)
     try:
-        family = family_class(config["_class_name"])
+        family = family_class(config["_class_name"], args.task)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(str(error) + (" Drop --task edit." if args.task == "edit" else "")) from None
     if config.get("is_distilled") is False and args.num_inference_steps is None:
         raise UserError(
             f"{args.pretrained_model_name_or_path} is not step-distilled (is_distilled=false): D-OPSD is for few-step "

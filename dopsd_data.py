@@ -4,12 +4,14 @@ cropped into aspect-ratio buckets and batched one bucket at a time; and their co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,30 +23,59 @@ from pipeline_dopsd import ModelFamily
 logger = logging.getLogger("dopsd")
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-# The caption of a row when no --caption_column is given: the first of these it has.
-DEFAULT_CAPTION_KEYS = ("text", "caption", "prompt")
+# The caption (an edit's instruction) of a row when no --caption_column is given: the first of these it has.
+DEFAULT_CAPTION_KEYS = ("text", "caption", "prompt", "instruction")
+
+
+class RawExample(NamedTuple):
+    """A training row as read, before any image is opened: the target image (a path or PIL image), its captions and,
+    for an edit, its source images in order."""
+
+    name: str
+    image: object
+    captions: list[str]
+    sources: tuple = ()
 
 
 @dataclass
 class Example:
-    """One training image, already cropped to its bucket, with its candidate captions (one per caption column).
+    """One training image, already cropped to its bucket, with its candidate captions (one per caption column) and,
+    for an edit, its source images (each cropped to its own bucket).
 
-    `image` is dropped once its conditions are cached (thousands of images need not stay in memory); `size` and
-    `digest` (a hash of the pixels, for the condition cache) remain.
+    `image` and `sources` are dropped once the conditions are cached (thousands of images need not stay in memory);
+    their sizes and `digest`s (hashes of the pixels, for the condition cache) remain.
     """
 
     name: str
     image: Image.Image | None
     captions: list[str]
+    sources: list[Image.Image] | None = None
     size: tuple[int, int] = (0, 0)
     digest: str = ""
+    source_sizes: tuple[tuple[int, int], ...] = ()
+    source_digest: str = ""
 
     def __post_init__(self):
         if self.image is not None:
-            import hashlib
-
             self.size = self.image.size
             self.digest = hashlib.sha256(self.image.tobytes()).hexdigest()
+        if self.sources:
+            self.source_sizes = tuple(source.size for source in self.sources)
+            self.source_digest = _pixels_digest(self.sources)
+
+    @property
+    def layout(self) -> tuple:
+        """What must be equal across a batch: the target's size and the sizes of the sources (so their number too), as
+        the transformer takes one token layout per batch."""
+        return self.size, self.source_sizes
+
+
+def _pixels_digest(images) -> str:
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def open_image(path_or_image, name: str) -> Image.Image:
@@ -128,13 +159,17 @@ def _row_captions(row: dict, columns, where: str) -> tuple[list[str], list[str]]
     return captions, [k for k in keys if k not in present]
 
 
-def collect_raw_examples(args):
-    """(name, path or PIL image, captions) for every training image, checked before any model is loaded
-    (a dataset's rows are checked as they are read, still before any model is loaded)."""
+def collect_raw_examples(args) -> list[RawExample]:
+    """Every training row (target, captions, and an edit's sources), checked before any model is loaded (a dataset's
+    rows are checked as they are read, still before any model is loaded)."""
     columns = _caption_columns(args)
     if args.instance_data_dir is not None:
-        return _folder_examples(Path(args.instance_data_dir), columns, args.instance_prompt)
+        return _folder_examples(Path(args.instance_data_dir), columns, args.instance_prompt, _task(args))
     return _dataset_examples(args, columns)
+
+
+def _task(args) -> str:
+    return getattr(args, "task", "text-to-image")  # caption_dopsd.py reads folders too, and has no --task
 
 
 def json_lines(text: str, source, example: str, separator: str = ":"):
@@ -157,58 +192,107 @@ def json_lines(text: str, source, example: str, separator: str = ":"):
         yield index, where, row
 
 
-def row_file(root: Path, row: dict, where: str) -> Path:
-    """The resolved path a metadata row's 'file_name' names: a path relative to the data folder that stays inside it."""
-    if "file_name" not in row:
-        raise UserError(f"{where} has no 'file_name': add the image path relative to {root}.")
-    name = row["file_name"]
+def _data_path(root: Path, name, where: str, field: str) -> Path:
     if not isinstance(name, str) or not name.strip() or "\0" in name:
-        raise UserError(f"{where}: 'file_name' must be the image's path relative to {root}, got {name!r}.")
+        raise UserError(f"{where}: '{field}' must be the image's path relative to {root}, got {name!r}.")
     if Path(name).is_absolute():
         raise UserError(f"{where}: path {name!r} points outside the dataset folder: use a path relative to {root}.")
-    return _contained(root, root / name, f"{where}: 'file_name'")
+    return _contained(root, root / name, f"{where}: '{field}'")
 
 
-def _metadata_rows(root: Path, metadata: Path) -> list[tuple[str, dict, Path]]:
-    """(where, row, image) for every row of metadata.jsonl, each row checked: one JSON object per line whose
-    'file_name' is a path relative to the folder naming an image file inside it, listed once."""
+def _image_file(root: Path, name, where: str, field: str) -> Path:
+    """`_data_path`, and it must name an existing file."""
+    image = _data_path(root, name, where, field)
+    if image.is_dir():
+        raise UserError(f"{where}: '{field}' {name!r} is a folder: name an image file.")
+    if not image.exists():
+        raise UserError(f"{where}: '{field}' {name!r} does not exist in {root}: fix the path or delete the line.")
+    return image
+
+
+# The field of metadata.jsonl naming an edit's source image (or a list of them, in order); the target is 'file_name'.
+SOURCE_FIELD = "source_image"
+# The reference implementation's edit rows: one list of paths, the sources in order and then the target.
+REFERENCE_PATH_FIELDS = ("local_path_list", "local_paths", "image_path_list", "image_paths")
+
+
+def _target_file(root: Path, row: dict, where: str) -> Path:
+    if "file_name" not in row:
+        raise UserError(f"{where} has no 'file_name': add the image path relative to {root}.")
+    return _image_file(root, row["file_name"], where, "file_name")
+
+
+def _edit_images(root: Path, row: dict, where: str) -> tuple[Path, tuple[Path, ...]]:
+    """(target, sources) of one edit row: 'file_name' and 'source_image' (a path or a list of paths, in order), or the
+    reference's single list of paths."""
+    listed = next((field for field in REFERENCE_PATH_FIELDS if field in row), None)
+    if listed is not None and "file_name" not in row:
+        names = row[listed]
+        if not isinstance(names, list) or len(names) < 2:
+            raise UserError(f"{where}: '{listed}' must list the source image(s) and then the target, got {names!r}.")
+        paths = [_image_file(root, name, where, listed) for name in names]
+        return paths[-1], tuple(paths[:-1])
+    if row.get(SOURCE_FIELD) is None:
+        raise UserError(f"{where} has no '{SOURCE_FIELD}': name the image to edit, e.g. \"{SOURCE_FIELD}\": \"before/01.png\" "
+                        "(a list for several sources; the edited target goes in 'file_name').")
+    names = row[SOURCE_FIELD]
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{where}: '{SOURCE_FIELD}' must be a path or a list of paths relative to {root}, got {names!r}.")
+    return _target_file(root, row, where), tuple(_image_file(root, name, where, SOURCE_FIELD) for name in names)
+
+
+def _metadata_rows(root: Path, metadata: Path, task: str) -> list[tuple[str, dict, Path, tuple[Path, ...]]]:
+    """(where, row, image, sources) for every row of metadata.jsonl, each row checked: one JSON object per line whose
+    'file_name' is a path relative to the folder naming an image file inside it, listed once; an edit's row also
+    names its sources."""
     text = _read_text(_contained(root, metadata, "metadata file"), "metadata file")
+    if task == "edit":
+        example = f'{{"{SOURCE_FIELD}": "before/01.jpg", "file_name": "after/01.jpg", "text": "..."}}'
+    else:
+        example = '{"file_name": "01.jpg", "text": "..."}'
     rows, seen = [], {}
-    for index, where, row in json_lines(text, metadata, example='{"file_name": "01.jpg", "text": "..."}'):
-        image, name = row_file(root, row, where), row["file_name"]
-        if image.is_dir():
-            raise UserError(f"{where}: 'file_name' {name!r} is a folder: name an image file.")
-        if not image.exists():
-            raise UserError(f"{where}: 'file_name' {name!r} does not exist in {root}: fix the path or delete the line.")
-        if image in seen:
-            raise UserError(f"{where} lists {name!r} again (first at line {seen[image]}): merge the two rows.")
-        seen[image] = index + 1
-        rows.append((where, row, image))
+    for index, where, row in json_lines(text, metadata, example=example):
+        if task == "edit":
+            image, sources = _edit_images(root, row, where)
+        elif any(row.get(field) is not None for field in (SOURCE_FIELD, *REFERENCE_PATH_FIELDS)):
+            raise UserError(f"{where} names source images, which only an edit has: pass --task edit to train an editing "
+                            f"LoRA, or remove '{SOURCE_FIELD}'.")
+        else:
+            image, sources = _target_file(root, row, where), ()
+        if (image, sources) in seen:
+            raise UserError(f"{where} lists {row.get('file_name', image.name)!r} again (first at line {seen[image, sources]}): "
+                            "merge the two rows.")
+        seen[image, sources] = index + 1
+        rows.append((where, row, image, sources))
     if not rows:
-        raise UserError(f"{metadata} is empty: add one {{\"file_name\": ..., \"text\": ...}} line per image, or delete it to "
-                        "use .txt captions and --instance_prompt.")
+        raise UserError(f"{metadata} is empty: add one {example} line per {'edit' if task == 'edit' else 'image'}"
+                        + ("." if task == "edit" else ", or delete it to use .txt captions and --instance_prompt."))
     return rows
 
 
-def _folder_examples(root: Path, columns, instance_prompt):
+def _folder_examples(root: Path, columns, instance_prompt, task: str):
     if not root.is_dir():
         raise UserError(f"--instance_data_dir {root} does not exist or is not a folder.")
     metadata = root / "metadata.jsonl"
     rows = []
     if metadata.exists() or metadata.is_symlink():
-        entries = _metadata_rows(root, metadata)
-        fields = {key for _, row, _ in entries for key in row}
+        entries = _metadata_rows(root, metadata, task)
+        fields = {key for _, row, _, _ in entries for key in row}
         if columns and (unknown := [c for c in columns if c not in fields]):
             raise UserError(f"--caption_column {','.join(unknown)} matches no field of {metadata} (fields: "
                             f"{', '.join(sorted(fields))}): fix the name.")
         partial = 0
-        for where, row, path in entries:
+        for where, row, path, sources in entries:
             captions, missing = _row_captions(row, columns, where)
             partial += bool(captions and missing)
-            rows.append((str(path), path, captions or ([instance_prompt] if instance_prompt else [])))
+            rows.append(RawExample(str(path), path, captions or ([instance_prompt] if instance_prompt else []), sources))
         if partial:
             logger.warning("%d rows of %s lack some of --caption_column %s: they train on their other listed captions.",
                            partial, metadata, ",".join(columns))
+    elif task == "edit":
+        raise UserError(f"--task edit reads its edits from {metadata}: write one line per edit, "
+                        f'{{"{SOURCE_FIELD}": "before/01.png", "file_name": "after/01.png", "text": "the instruction"}}.')
     else:
         try:
             listing = sorted(root.iterdir())
@@ -226,12 +310,15 @@ def _folder_examples(root: Path, columns, instance_prompt):
             caption_file = path.with_suffix(".txt")
             has_caption = caption_file.exists() or caption_file.is_symlink()
             captions = [_read_caption(root, caption_file)] if has_caption else ([instance_prompt] if instance_prompt else [])
-            rows.append((str(path), path, captions))
+            rows.append(RawExample(str(path), path, captions))
     if not rows:
         raise UserError(f"--instance_data_dir {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    for name, _, captions in rows:
-        if not captions:
-            raise UserError(f"{name} has no caption: add a same-stem .txt file, a metadata.jsonl entry or --instance_prompt.")
+    for row in rows:
+        if not row.captions and row.sources:
+            raise UserError(f"{row.name} has no instruction: add a 'text' field to its metadata.jsonl line (or pass "
+                            "--caption_column, or --instance_prompt for one instruction for every edit).")
+        if not row.captions:
+            raise UserError(f"{row.name} has no caption: add a same-stem .txt file, a metadata.jsonl entry or --instance_prompt.")
     return rows
 
 
@@ -250,17 +337,38 @@ def _dataset_examples(args, columns):
     missing = [c for c in columns if c not in names]
     if missing:
         raise UserError(f"--caption_column {','.join(missing)} not in {args.dataset_name} (columns: {', '.join(names)}).")
-    return _dataset_rows(args, dataset, columns)
+    sources = _source_columns(args) if _task(args) == "edit" else []
+    if missing := [c for c in sources if c not in names]:
+        raise UserError(f"--source_image_column {','.join(missing)} not in {args.dataset_name} (columns: {', '.join(names)}): "
+                        "name the column(s) holding the images to edit.")
+    return _dataset_rows(args, dataset, columns, sources)
 
 
-def _dataset_rows(args, dataset, columns):
-    """Rows one at a time, so that a streamed dataset is never held whole in memory."""
+def _source_columns(args) -> list[str]:
+    return [c.strip() for c in args.source_image_column.split(",") if c.strip()]
+
+
+def _dataset_rows(args, dataset, columns, source_columns=()):
+    """Rows one at a time, so that a streamed dataset is never held whole in memory. An edit's sources are the
+    --source_image_column values in order, a column holding a list of images giving all of its images."""
     for i, row in enumerate(dataset):
-        captions, _ = _row_captions(row, columns, f"row {i} of {args.dataset_name}")
+        where = f"row {i} of {args.dataset_name}"
+        captions, _ = _row_captions(row, columns, where)
         captions = captions or ([args.instance_prompt] if args.instance_prompt else [])
         if not captions:
-            raise UserError(f"row {i} of {args.dataset_name} has no caption: pass --caption_column or --instance_prompt.")
-        yield f"{args.dataset_name}[{i}]", row[args.image_column], captions
+            raise UserError(f"{where} has no caption: pass --caption_column or --instance_prompt.")
+        sources = []
+        for column in source_columns:
+            value = row[column]
+            sources += list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+        if source_columns and not sources:
+            raise UserError(f"{where} has no source image in --source_image_column {','.join(source_columns)}: every edit "
+                            "needs the image it edits.")
+        yield RawExample(f"{args.dataset_name}[{i}]", row[args.image_column], captions, tuple(sources))
+
+
+def _label(source) -> str:
+    return Path(source).name if isinstance(source, (str, Path)) else type(source).__name__
 
 
 def make_buckets(args) -> list[tuple[int, int]]:
@@ -287,23 +395,32 @@ def crop_to_bucket(image: Image.Image, buckets) -> Image.Image:
 
 
 def load_examples(args, raw, family: type[ModelFamily]) -> list[Example]:
-    """Open, check and bucket-crop every image (before heavy models are loaded, so a bad file fails fast)."""
+    """Open, check and bucket-crop every image (before heavy models are loaded, so a bad file fails fast).
+
+    An edit's sources are cropped as its target is, each to its own nearest-aspect bucket: a source shaped like its
+    target gets the same crop (the pixels stay aligned), and every size is one the stock pipeline takes as it is (a
+    multiple of 16, at most 1 MP up to --resolution 1024), so the student sees exactly what inference on those sources
+    sees."""
     buckets = make_buckets(args)
     examples = []
-    for name, source, captions in raw:
+    for row in raw:
+        named = [(row.name, row.image), *((f"{row.name} (source {n + 1}: {_label(s)})", s) for n, s in enumerate(row.sources))]
         try:
-            image = open_image(source, name)
+            images = [open_image(source, name) for name, source in named]
         except UserError:
             if not args.skip_bad_images:
                 raise
-            logger.warning("skipping unreadable image %s", name)
+            logger.warning("skipping unreadable image(s) of %s", row.name)
             continue
-        if reason := family.check_reference_image(*image.size):
-            raise UserError(f"{name}: {reason}; resize or remove it.")
-        cropped = crop_to_bucket(image, buckets)
-        if reason := family.check_reference_image(*cropped.size):
-            raise UserError(f"{name} goes to a {cropped.size[0]}x{cropped.size[1]} bucket at --resolution {args.resolution}: {reason}; raise --resolution.")
-        examples.append(Example(name, cropped, captions))
+        cropped = []
+        for (name, _), image in zip(named, images):
+            if reason := family.check_reference_image(*image.size):
+                raise UserError(f"{name}: {reason}; resize or remove it.")
+            cropped.append(crop_to_bucket(image, buckets))
+            if reason := family.check_reference_image(*cropped[-1].size):
+                raise UserError(f"{name} goes to a {cropped[-1].size[0]}x{cropped[-1].size[1]} bucket at --resolution "
+                                f"{args.resolution}: {reason}; raise --resolution.")
+        examples.append(Example(row.name, cropped[0], row.captions, cropped[1:] or None))
     if not examples:
         raise UserError("no readable training images: check the data source (or --skip_bad_images skipped them all).")
     return examples
@@ -326,7 +443,7 @@ class BucketBatches:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, example in enumerate(self.examples):
-            groups.setdefault(example.size, []).append(i)
+            groups.setdefault(example.layout, []).append(i)
         batches = []
         for indices in groups.values():
             rng.shuffle(indices)
@@ -382,8 +499,6 @@ class ConditionCache:
             self.directory.mkdir(parents=True, exist_ok=True)
 
     def _key(self, *parts) -> str:
-        import hashlib
-
         digest = hashlib.sha256(self.fingerprint.encode())
         for part in parts:
             digest.update(part if isinstance(part, bytes) else str(part).encode())
@@ -411,8 +526,9 @@ class ConditionCache:
 
         return load_file(str(self.directory / f"{key}.safetensors"))
 
-    def student(self, prompt: str) -> dict[str, torch.Tensor]:
-        return self._get(self.keys[("student", prompt)])
+    def student(self, prompt: str, example: Example) -> dict[str, torch.Tensor]:
+        """The student's condition for a prompt and the example's sources (none for text-to-image)."""
+        return self._get(self.keys[("student", prompt, example.source_digest)])
 
     def teacher(self, index: int, caption: str) -> dict[str, torch.Tensor]:
         return self._get(self.keys[("teacher", index, caption)])
@@ -420,8 +536,8 @@ class ConditionCache:
     def latents(self, index: int) -> torch.Tensor:
         return self._get(self.keys[("latents", index)])["latents"]
 
-    def teacher_row(self, prompt: str) -> dict[str, torch.Tensor]:
-        return self._get(self.keys[("teacher-row", prompt)])
+    def teacher_row(self, index: int) -> dict[str, torch.Tensor]:
+        return self._get(self.keys[("teacher-row", index)])
 
     @torch.no_grad()
     def fill(self, family: ModelFamily, examples: list[Example], method: str, rows: list[Example] = (), device="cpu",
@@ -440,11 +556,12 @@ class ConditionCache:
             for module in encoders:
                 module.to(device)
             for _, key, prompt, example in mine:
+                sources = [example.sources] if example.sources else None
                 if kind == "student":
-                    self._put(key, family.encode_student([fitted[prompt]])[0])
+                    self._put(key, family.encode_student([fitted[prompt]], sources)[0])
                 elif kind == "teacher":
                     try:
-                        condition = family.encode_teacher([fitted[prompt]], [example.image])[0]
+                        condition = family.encode_teacher([fitted[prompt]], [example.image], sources)[0]
                     except ValueError as error:  # the Z-Image teacher's context is over the transformer's limit
                         raise UserError(f"{example.name}: {error}") from None
                     self._put(key, condition)
@@ -475,20 +592,25 @@ class ConditionCache:
 
     def index(self, examples, method, rows=()):
         """Name every entry this run needs; returns (kind, key, prompt, example) for each. `rows` are the validation
-        (prompt, reference image) pairs, given as examples with one caption."""
+        examples, one caption each. An edit's conditions are keyed by its sources too: one instruction given with two
+        sources is two conditions."""
         todo = []
-        for prompt in sorted({c for e in [*examples, *rows] for c in e.captions}):
-            key = self.keys[("student", prompt)] = self._key("student", prompt)
-            todo.append(("student", key, prompt, None))
+        # (An entry for no sources keeps the key it had before edits existed, so earlier caches stay valid.)
+        sources = lambda example: [example.source_digest] if example.source_digest else []  # noqa: E731
+        for example in [*examples, *rows]:
+            for prompt in example.captions:
+                key = self.keys[("student", prompt, example.source_digest)] = self._key("student", prompt, *sources(example))
+                todo.append(("student", key, prompt, example))
         for i, example in enumerate(examples):
             if method == "dopsd":
                 for caption in example.captions:
-                    key = self.keys[("teacher", i, caption)] = self._key("teacher", caption, example.digest)
+                    key = self.keys[("teacher", i, caption)] = self._key("teacher", caption, example.digest, *sources(example))
                     todo.append(("teacher", key, caption, example))
             else:
                 key = self.keys[("latents", i)] = self._key("latents", example.digest)
                 todo.append(("latents", key, None, example))
-        for row in rows if method == "dopsd" else ():
-            key = self.keys[("teacher-row", row.captions[0])] = self._key("teacher", row.captions[0], row.digest)
+        for i, row in enumerate(rows if method == "dopsd" else ()):
+            key = self.keys[("teacher-row", i)] = self._key("teacher", row.captions[0], row.digest, *sources(row))
             todo.append(("teacher", key, row.captions[0], row))
-        return list({entry[1]: entry for entry in todo}.values())  # an entry shared by two uses is computed once
+        # An entry shared by two uses is computed once; the order is the same on every rank, which splits the work by it.
+        return sorted({entry[1]: entry for entry in todo}.values(), key=lambda entry: entry[1])

@@ -239,7 +239,7 @@ def save_final_outputs(accelerator, adaptation, output_dir: Path):
 
 def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None) -> Image.Image:
     width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
+    grid = Image.new("RGB", (width * max(len(row) for row in rows), height * len(rows)), "white")  # edits: one source or more
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             grid.paste(image.resize((width, height)), (c * width, r * height))
@@ -276,6 +276,7 @@ def write_model_card(args, family: type[ModelFamily], output_dir: Path, samples:
         image.save(output_dir / f"image_{i}.png")
         widget.append({"text": prompt, "output": {"url": f"image_{i}.png"}})
     example_prompt = samples[0][0] if samples else (args.instance_prompt or "a photo")
+    imports, inputs = family.usage(example_prompt)
     guidance = ", guidance_scale=0.0" if stock == "ZImagePipeline" else ""
     if kind == "lora":
         load = f'pipe.load_lora_weights("{repo_id}", weight_name="pytorch_lora_weights.safetensors")'
@@ -297,6 +298,7 @@ def write_model_card(args, family: type[ModelFamily], output_dir: Path, samples:
 ## Model description
 
 {what} for [{base}](https://huggingface.co/{base}), trained with {method}.
+{family.card_note}
 Generate at the base model's deployment step count: **{steps} steps**{guidance.replace(", guidance_scale=", ", guidance ")}.
 
 Training: {args.max_train_steps} steps at learning rate {args.learning_rate}; the rollout visits {args.rollout_steps} states of
@@ -311,20 +313,20 @@ the {steps}-step schedule; EMA teacher decay {args.ema_decay}; {args.loss_space}
 ```py
 import torch
 from diffusers import {stock}
-
+{imports}
 pipe = {stock}.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
 {load}
-image = pipe(prompt="{example_prompt}", num_inference_steps={steps}{guidance}).images[0]
+image = pipe({inputs}, num_inference_steps={steps}{guidance}).images[0]
 ```
 
 The D-OPSD community pipeline gives the same images and adds a teacher preview (`reference_image=`):
 
 ```py
 from diffusers import DiffusionPipeline
-
+{imports}
 pipe = DiffusionPipeline.from_pretrained("{base}", custom_pipeline="pipeline_dopsd.py", trust_remote_code=True)
 {load}
-image = pipe(prompt="{example_prompt}").images[0]  # {steps} steps by default
+image = pipe({inputs}).images[0]  # {steps} steps by default
 ```
 """
     license = family.license_for(base)
@@ -334,7 +336,7 @@ image = pipe(prompt="{example_prompt}").images[0]  # {steps} steps by default
     if license == "other":
         card.data.license_name = "flux-non-commercial-license"
         card.data.license_link = "https://huggingface.co/black-forest-labs/FLUX.2-klein-9B/blob/main/LICENSE.md"
-    tags = ["text-to-image", "diffusers-training", "diffusers", "dopsd", *family.tags]
+    tags = [family.pipeline_tag, "diffusers-training", "diffusers", "dopsd", *family.tags]
     tags += ["lora", "template:sd-lora"] if kind == "lora" else []
     populate_model_card(card, tags=tags).save(str(output_dir / "README.md"))
 

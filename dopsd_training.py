@@ -1,12 +1,13 @@
 # Copyright 2026 The dopsd authors. Licensed under the Apache License, Version 2.0.
 """The method and the training program both scripts run: the D-OPSD and SFT steps, the EMA teacher update, one run's
-state (loading, condition caching, validation) and the training loop. Arguments are in dopsd_args.py, data and
-conditions in dopsd_data.py, checkpoints and the model card in dopsd_outputs.py.
+state (loading, condition caching) and the training loop. Arguments are in dopsd_args.py, data and conditions in
+dopsd_data.py, validation grids in dopsd_validation.py, checkpoints and the model card in dopsd_outputs.py.
 
-The method in one paragraph (arXiv 2605.05204): the same network is the student (text only, the inference path) and
-the teacher (an EMA of the student that also sees the target image). The student rolls out its own few-step
+The method in one paragraph (arXiv 2605.05204): the same network is the student (the inference path: text only, or
+an edit's instruction and sources) and the teacher (an EMA of the student that also sees the target image). The student rolls out its own few-step
 trajectory from noise; at every state both predict, and the loss pulls the student's prediction onto the teacher's.
-Model-family specifics (conditions, schedules, conventions) live in pipeline_dopsd.py; nothing here branches on them.
+Model-family and task specifics (conditions, schedules, conventions) live in pipeline_dopsd.py; nothing here branches
+on them.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from dopsd_args import UserError
 from dopsd_engines import engine_for, report
 from dopsd_data import BucketBatches, ConditionCache, Example, caption_of, collect_raw_examples, load_examples
-from dopsd_outputs import (check_resume_matches, checkpoint_dirs, claim_output_dir, forget_after, make_grid, public_args, push_to_hub,
+from dopsd_outputs import (check_resume_matches, checkpoint_dirs, claim_output_dir, forget_after, public_args, push_to_hub,
                            refuse_earlier_run, resolve_resume, save_args, save_checkpoint, save_final_outputs, trigger_words,
-                           validation_generator, write_model_card)
+                           write_model_card)
+from dopsd_validation import preview_teacher, validate
 from pipeline_dopsd import ModelFamily, euler_step, rollout_sigmas, x0_from_velocity
 
 logger = logging.getLogger("dopsd")
@@ -146,12 +146,14 @@ def condition_fingerprint(args, dtype) -> str:
     }, sort_keys=True)
 
 
-def validation_rows(args, examples):
-    """(prompt, reference image) pairs for the grids: --validation_prompt with the first training image as the
-    teacher's reference, or else the first caption of each training image (at most four)."""
+def validation_rows(args, examples) -> list[Example]:
+    """The rows of the grids, as examples with one caption: --validation_prompt with the first training example's
+    image as the teacher's reference (and its sources, for an edit), or else the first caption of each training
+    example (at most four)."""
     if args.validation_prompt:
-        return [(p, examples[0].image) for p in args.validation_prompt]
-    return [(e.captions[0], e.image) for e in examples[:4]]
+        first = examples[0]
+        return [Example("validation", first.image, [prompt], first.sources) for prompt in args.validation_prompt]
+    return [Example(e.name, e.image, e.captions[:1], e.sources) for e in examples[:4]]
 
 
 class Run:
@@ -189,11 +191,9 @@ class Run:
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)
 
-        from pipeline_dopsd import family_for
-
         with self.engine.zero3_init_disabled():
             pipe = load_base_pipeline(args, self.weight_dtype, adaptation_cls.transformer_load_kwargs(args, self.weight_dtype))
-            self.family = family_for(pipe)
+            self.family = family_cls(pipe)
             self.family.setup_teacher(
                 vlm_name_or_path=args.teacher_vlm_name_or_path, min_pixels=args.teacher_min_pixels, max_pixels=args.teacher_max_pixels,
                 prompt_suffix=args.teacher_prompt_suffix, needed=args.method == "dopsd",
@@ -201,13 +201,12 @@ class Run:
             )
         self.rows = validation_rows(args, self.examples)
         self.conditions = ConditionCache(args.condition_cache_dir, condition_fingerprint(args, self.weight_dtype))
-        rows = [Example("validation", image, [prompt]) for prompt, image in self.rows]
-        self.conditions.fill(self.family, self.examples, args.method, rows, self.device,
+        self.conditions.fill(self.family, self.examples, args.method, self.rows, self.device,
                              self.accelerator.process_index, self.accelerator.num_processes)
         self.accelerator.wait_for_everyone()
         for example in self.examples:
-            example.image = None  # conditions are cached; the validation rows keep their own references
-        self.validation_teacher = {prompt: self.conditions.teacher_row(prompt) for prompt, _ in self.rows} if args.method == "dopsd" else {}
+            example.image = example.sources = None  # conditions are cached; the validation rows keep their own images
+        self.validation_teacher = [self.conditions.teacher_row(i) for i in range(len(self.rows))] if args.method == "dopsd" else []
         self.family.drop_encoders(keep_vae=self.validates)
         from diffusers.training_utils import free_memory
 
@@ -226,98 +225,6 @@ class Run:
 
     def teacher(self, condition):
         return lambda x, sigma: self.adaptation.teacher_velocity(x, sigma, condition)
-
-    # -- validation -----------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def sample_grid(self):
-        """Rows of base | student | teacher with the same noise per row, at the deployment step count.
-
-        The base column is generated once, before any training, and kept under samples/base/ so that it stays the
-        untouched base model across validations and resumes (a fully fine-tuned run has no other copy of it).
-        """
-        args, family = self.args, self.family
-        base_dir = Path(args.output_dir) / "samples" / "base"
-        rows = []
-        family.pipe.vae.to(self.device)
-        for prompt, image in self.rows:
-            width, height = image.size
-            sigmas = family.sigmas(args.num_inference_steps, height, width, self.device)
-            student_condition = family.collate([self.conditions.student(prompt)], self.device)
-            for r in range(args.num_validation_images):
-                generator = validation_generator(prompt, r, args.seed)
-                base_file = base_dir / f"{generator.initial_seed()}-{width}x{height}.png"
-                noise = family.initial_noise(1, height, width, generator).to(self.device)
-                if base_file.exists():
-                    base = Image.open(base_file).convert("RGB")
-                else:
-                    with self.adaptation.base():
-                        base = family.decode(family.sample(self.transformer, student_condition, noise, sigmas))[0]
-                    base_dir.mkdir(parents=True, exist_ok=True)
-                    base.save(base_file)
-                with self.adaptation.student():
-                    student = family.decode(family.sample(self.transformer, student_condition, noise, sigmas))[0]
-                row = [base, student]
-                if prompt in self.validation_teacher:
-                    teacher_condition = family.collate([self.validation_teacher[prompt]], self.device)
-                    row.append(family.decode(self.adaptation.teacher_sample(teacher_condition, noise, sigmas))[0])
-                rows.append(row)
-        family.pipe.vae.to("cpu")
-        return rows
-
-    @torch.no_grad()
-    def rollout_strip(self):
-        """Decoded x0 predictions of the student (top) and the teacher (bottom) along one training rollout."""
-        args, family = self.args, self.family
-        if not self.validation_teacher:
-            return None
-        prompt, image = self.rows[0]
-        width, height = image.size
-        sigmas = training_rollout_sigmas(family, args, height, width, self.device)
-        student_condition = family.collate([self.conditions.student(prompt)], self.device)
-        teacher_condition = family.collate([self.validation_teacher[prompt]], self.device)
-        x = family.initial_noise(1, height, width, validation_generator(prompt, 0, args.seed)).to(self.device)
-        student_row, teacher_row = [], []
-        family.pipe.vae.to(self.device)
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            v_teacher = self.adaptation.teacher_velocity(x, sigma, teacher_condition)
-            with self.adaptation.student():
-                v_student = family.velocity(self.transformer, x, sigma, student_condition)
-            student_row.append(family.decode(x0_from_velocity(x, sigma, v_student))[0])
-            teacher_row.append(family.decode(x0_from_velocity(x, sigma, v_teacher))[0])
-            x = euler_step(x, sigma, sigma_next, v_student)
-        family.pipe.vae.to("cpu")
-        return make_grid([student_row, teacher_row])
-
-    def validate(self, step: int):
-        """Grids under samples/ and to the trackers, and the student's sharpness relative to the base (same noise).
-        Returns (prompt, student image) pairs for the model card."""
-        from dopsd_metrics import few_step_quality_warning, sharpness_ratio
-
-        rows = self.sample_grid()
-        ratio = sharpness_ratio([row[1] for row in rows], [row[0] for row in rows])
-        self.accelerator.log({"validation/sharpness_ratio": ratio}, step=step)
-        with open(Path(self.args.output_dir) / "validation_log.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "sharpness_ratio": ratio}) + "\n")
-        if warning := few_step_quality_warning(ratio, self.args.quality_warn_ratio):
-            logger.warning("step %d: %s", step, warning)
-        samples = Path(self.args.output_dir) / "samples"
-        samples.mkdir(exist_ok=True)
-        grid = make_grid(rows)
-        grid.save(samples / f"step-{step:06d}.png")
-        strip = self.rollout_strip()
-        if strip is not None:
-            strip.save(samples / f"rollout-step-{step:06d}.png")
-        for tracker in self.accelerator.trackers:
-            pictures = {"validation base|student|teacher": grid, **({"rollout x0 student/teacher": strip} if strip else {})}
-            for name, picture in pictures.items():
-                if tracker.name == "tensorboard":
-                    tracker.writer.add_image(name, np.asarray(picture), step, dataformats="HWC")
-                elif tracker.name == "wandb":
-                    import wandb
-
-                    tracker.log({name: wandb.Image(picture)}, step=step)
-        samples = [(prompt, rows[i * self.args.num_validation_images][1]) for i, (prompt, _) in enumerate(self.rows)]
-        return samples
 
 
 def fingerprint(tensors) -> torch.Tensor:
@@ -362,14 +269,6 @@ def check_ranks_agree(accelerator, adaptation, prints: torch.Tensor):
         logger.info("student and teacher identical on all %d ranks", accelerator.num_processes)
 
 
-def preview_teacher(run: Run):
-    """--preview_teacher_only: a student | teacher grid for the training images, before any training."""
-    rows = run.sample_grid()
-    path = Path(run.args.output_dir) / "teacher_preview.png"
-    make_grid([row[1:] for row in rows]).save(path)
-    logger.info("wrote %s (columns: student, teacher; rows: training prompts x seeds)", path)
-
-
 def optimize(run: Run, model, optimizer, lr_scheduler, batches, noise_generator, step: int, log_file: Path) -> int:
     """D-OPSD (or SFT) optimizer steps from `step` to --max_train_steps, with the EMA teacher, logs, checkpoints and
     validation; returns the last step done."""
@@ -383,7 +282,7 @@ def optimize(run: Run, model, optimizer, lr_scheduler, batches, noise_generator,
             indices, column = next(batches)
             examples = [run.examples[i] for i in indices]
             width, height = examples[0].size
-            student_condition = family.collate([run.conditions.student(caption_of(e, column)) for e in examples], run.device)
+            student_condition = family.collate([run.conditions.student(caption_of(e, column), e) for e in examples], run.device)
             noise = family.initial_noise(len(indices), height, width, noise_generator, run.device)
             if args.method == "dopsd":
                 teacher_condition = family.collate([run.conditions.teacher(i, caption_of(e, column)) for i, e in zip(indices, examples)], run.device)
@@ -437,7 +336,7 @@ def optimize(run: Run, model, optimizer, lr_scheduler, batches, noise_generator,
             }
             save_checkpoint(accelerator, args, step, state, **engine.save_state_kwargs(adaptation.frozen_base))
         if args.validation_steps and step % args.validation_steps == 0 and step < args.max_train_steps and accelerator.is_main_process:
-            run.validate(step)
+            validate(run, step)
 
     return step
 
@@ -452,7 +351,7 @@ def train(args, family_cls, adaptation_cls):
         state = json.loads((resume / "training_state.json").read_text())
         changed = check_resume_matches(args, state, int(os.environ.get("WORLD_SIZE", "1")))
     run = Run(args, family_cls, adaptation_cls)
-    accelerator, family, adaptation = run.accelerator, run.family, run.adaptation
+    accelerator, adaptation = run.accelerator, run.adaptation
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if args.preview_teacher_only:
@@ -485,7 +384,7 @@ def train(args, family_cls, adaptation_cls):
         save_args(args, output_dir, **({"resumed_at": step, "changed": changed} if resume is not None else {}))
         accelerator.init_trackers("dopsd", config={k: v for k, v in public_args(args).items() if isinstance(v, (int, float, str, bool))})
         if step == 0 and run.validates:
-            run.validate(0)  # the untouched base column, and what the teacher draws before any training
+            validate(run, 0)  # the untouched base column, and what the teacher draws before any training
     log_file = output_dir / "loss_log.jsonl"
     run.step = step
     try:
@@ -503,7 +402,7 @@ def train(args, family_cls, adaptation_cls):
     samples = []
     if accelerator.is_main_process:
         if not args.skip_final_validation:
-            samples = run.validate(step)
+            samples = validate(run, step)
         write_model_card(args, family_cls, output_dir, samples, trigger_words(run.examples, args.instance_prompt), adaptation.kind)
         if args.push_to_hub:
             push_to_hub(args, output_dir)

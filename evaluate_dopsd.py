@@ -13,7 +13,9 @@ The eval file is JSON lines, one prompt per line:
 
     {"prompt": "a photo of [V] dog on a beach", "reference_image": "corgi/01.jpg", "class_name": "dog"}
 
-``reference_image`` (a path relative to the eval file) enables the fidelity metrics for that row; ``class_name``
+``reference_image`` (a path relative to the eval file) enables the fidelity metrics for that row; ``source_image`` (a
+path or a list of paths, FLUX.2-klein only) makes the row an edit: every model edits those sources with the prompt as
+the instruction, and ``reference_image`` is then the target edit the fidelity is measured to; ``class_name``
 replaces the concept token (``concept_token``, default "[V]") in the prompt CLIP-S scores; ``concept_mode``
 ("object" or "style", by default "style" when the prompt says "[V] style" or "style of [V]") picks the judge's question.
 Other keys are ignored.
@@ -67,8 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("prompts and generation")
     data.add_argument("--eval_file", required=True, type=flags.text,
-                      help="JSON lines: prompt, optional reference_image (relative to the file), class_name, "
-                           "concept_token, concept_mode.")
+                      help="JSON lines: prompt, optional reference_image (relative to the file), source_image (makes "
+                           "the row an edit of those images, FLUX.2-klein), class_name, concept_token, concept_mode.")
     data.add_argument("--output_dir", default="eval_out", type=flags.text, help="Where metrics.json, metrics.md, grid.png and images/ go (default: %(default)s).")
     data.add_argument("--num_inference_steps", type=flags.positive_int, default=None,
                       help="Sampling steps (default: the family's native count, 8 for Z-Image-Turbo, 4 for FLUX.2-klein).")
@@ -116,6 +118,8 @@ class EvalPrompt:
     concept_mode: str
     reference_path: str | None = None
     reference: Image.Image | None = None
+    source_paths: list[str] = field(default_factory=list)
+    sources: list[Image.Image] = field(default_factory=list)
 
     def scoring_prompt(self) -> str:
         """The prompt CLIP-S scores: CLIP does not know the concept token, so the class name stands in for it."""
@@ -150,6 +154,17 @@ def read_eval_file(path: str) -> list[EvalPrompt]:
             if not reference.is_file():
                 raise UserError(f"{where}: reference image {reference} does not exist: fix the path (relative to the eval file) or drop the key.")
             item.reference_path, item.reference = str(reference), open_image(reference, str(reference))
+        if row.get("source_image") is not None:
+            names = [row["source_image"]] if isinstance(row["source_image"], str) else row["source_image"]
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+                raise UserError(f'{where}: "source_image" must be a path or a list of paths (relative to the eval file), '
+                                f"got {row['source_image']!r}.")
+            for name in names:
+                source = eval_file.parent / name
+                if not source.is_file():
+                    raise UserError(f"{where}: source image {source} does not exist: fix the path (relative to the eval file).")
+                item.source_paths.append(str(source))
+                item.sources.append(open_image(source, str(source)))
         prompts.append(item)
     if not prompts:
         raise UserError(f"--eval_file {path} has no prompts: add lines like {{\"prompt\": \"a photo of [V] dog\"}}.")
@@ -271,13 +286,16 @@ def check_scoring_models(args, prompts: list[EvalPrompt]):
                             "model id or a local folder with config.json.") from None
 
 
-def check_base_model(args):
-    """A supported family (read from model_index.json, no weights loaded), and a distilled one at the default steps."""
+def check_base_model(args, prompts: list[EvalPrompt]):
+    """A supported family (read from model_index.json, no weights loaded) that can edit if a row is an edit, and a
+    distilled one at the default steps."""
     config = load_model_index(args)
     try:
         family_class(config["_class_name"])
+        if edit := next((p for p in prompts if p.sources), None):
+            family_class(config["_class_name"], "edit")
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(str(error) + (f" (the eval file's {edit.prompt!r} has a source_image)" if edit else "")) from None
     if config.get("is_distilled") is False and args.num_inference_steps is None:
         raise UserError(f"{args.pretrained_model_name_or_path} is not step-distilled (is_distilled=false): its few-step "
                         "output is not a deployment quality; pass the distilled model or --num_inference_steps explicitly.")
@@ -330,8 +348,9 @@ def generate_column(pipe, column: Column, samples: list[Sample], args):
         # A fresh CPU generator per sample gives every model the same noise, on any device.
         generator = torch.Generator("cpu").manual_seed(sample.seed)
         try:
-            image = pipe(prompt=sample.prompt.prompt, num_inference_steps=args.num_inference_steps, height=args.height,
-                         width=args.width, generator=generator).images[0]
+            image = pipe(prompt=sample.prompt.prompt, image=sample.prompt.sources or None,
+                         num_inference_steps=args.num_inference_steps, height=args.height, width=args.width,
+                         generator=generator).images[0]
         except ValueError as error:
             raise UserError(f"cannot generate {sample.prompt.prompt!r}: {error}") from None
         column.images.append(image)
@@ -370,6 +389,7 @@ def score_model_free(columns: list[Column], samples: list[Sample], lpips_model):
             row = {
                 "prompt": sample.prompt.prompt, "seed": sample.seed, "image": f"images/{column.folder}/{sample.file_name}",
                 "reference_image": sample.prompt.reference_path,
+                **({"source_image": sample.prompt.source_paths} if sample.prompt.sources else {}),
                 "high_frequency_energy": metrics.high_frequency_energy(image), "sharpness_ratio": ratios[i],
             }
             if lpips_model is not None:
@@ -557,7 +577,7 @@ def main(argv=None):
     prompts = read_eval_file(args.eval_file)
     seeds = args.seeds  # a list: flags.seed_list parsed and checked it
     columns = model_columns(args)
-    check_base_model(args)
+    check_base_model(args, prompts)
     check_scoring_models(args, prompts)
     output_dir = Path(args.output_dir)
     try:

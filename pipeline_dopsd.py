@@ -100,6 +100,16 @@ class ModelFamily:
     reference_train_steps: int
     # Text the teacher's prompt gets after it, or None when the family's teacher takes no suffix.
     default_teacher_prompt_suffix: str | None = None
+    # What the student does at inference: "text-to-image", or "edit" (instruction plus source images, in order).
+    task = "text-to-image"
+    # The Hub's pipeline tag of a model trained for this task, and what its model card says about the task.
+    pipeline_tag = "text-to-image"
+    card_note = ""
+
+    @classmethod
+    def usage(cls, prompt: str) -> tuple[str, str]:
+        """(import lines, call arguments) of the model card's inference snippet."""
+        return "", f'prompt="{prompt}"'
 
     def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
@@ -162,11 +172,18 @@ class ModelFamily:
                 high = middle - 1
         return caption[: ends[low - 1]].rstrip() if low else ""
 
-    def encode_student(self, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+    def encode_student(self, prompts: list[str], sources: list[list] | None = None) -> list[dict[str, torch.Tensor]]:
+        """The student's condition per prompt: the inference path. `sources`: per prompt, the source images of an edit
+        (editing families only)."""
         raise NotImplementedError
 
-    def encode_teacher(self, prompts: list[str], images: list) -> list[dict[str, torch.Tensor]]:
+    def encode_teacher(self, prompts: list[str], images: list, sources: list[list] | None = None) -> list[dict[str, torch.Tensor]]:
+        """The teacher's condition per prompt: the student's plus the target image (`images`)."""
         raise NotImplementedError
+
+    def _text_only(self, sources):
+        if sources and any(sources):
+            raise ValueError(f"{self.display_name} text-to-image takes no source images: use the editing task.")
 
     def collate(self, conditions: list[dict[str, torch.Tensor]], device) -> dict:
         raise NotImplementedError
@@ -324,13 +341,15 @@ class ZImageFamily(ModelFamily):
         return (self.transformer.config.axes_lens[0] - 2) // 32 * 32
 
     @torch.no_grad()
-    def encode_student(self, prompts):
+    def encode_student(self, prompts, sources=None):
+        self._text_only(sources)
         device = self.pipe.text_encoder.device
         embeds, _ = self.pipe.encode_prompt(list(prompts), device=device, do_classifier_free_guidance=False)
         return [{"caption": e} for e in embeds]
 
     @torch.no_grad()
-    def encode_teacher(self, prompts, images):
+    def encode_teacher(self, prompts, images, sources=None):
+        self._text_only(sources)
         if reason := self.teacher_ready():
             raise RuntimeError(reason)
         limit = self.max_caption_tokens()
@@ -581,16 +600,22 @@ class Flux2KleinFamily(ModelFamily):
         return [{"prompt_embeds": e[None], "text_ids": t[None]} for e, t in zip(embeds, text_ids)]
 
     @torch.no_grad()
-    def encode_student(self, prompts):
+    def encode_student(self, prompts, sources=None):
+        self._text_only(sources)
         return self._encode_text(prompts)
 
     @torch.no_grad()
-    def encode_teacher(self, prompts, images):
-        conditions = self._encode_text([self.teacher_prompt(p) for p in prompts])
-        for condition, image in zip(conditions, images):
-            reference = self.preprocess_reference(image)
+    def encode_teacher(self, prompts, images, sources=None):
+        self._text_only(sources)
+        return self._with_references(self._encode_text([self.teacher_prompt(p) for p in prompts]), [[image] for image in images])
+
+    def _with_references(self, conditions, references):
+        """Add each condition's reference images as klein's editing path takes them: preprocessed as the stock pipeline
+        does, VAE-encoded, packed one after the other with position ids t = 10, 20, ... in their order."""
+        for condition, images in zip(conditions, references):
             latents, ids = self.pipe.prepare_image_latents(
-                images=[reference], batch_size=1, generator=None, device=self.pipe.vae.device, dtype=self.pipe.vae.dtype
+                images=[self.preprocess_reference(image) for image in images], batch_size=1, generator=None,
+                device=self.pipe.vae.device, dtype=self.pipe.vae.dtype,
             )
             condition.update(reference_latents=latents, reference_ids=ids)
         return conditions
@@ -657,14 +682,56 @@ class Flux2KleinFamily(ModelFamily):
         return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
 
+class Flux2KleinEditFamily(Flux2KleinFamily):
+    """FLUX.2-klein editing: the student is the stock editing path, the instruction with the source images as
+    references (``Flux2KleinPipeline(image=sources, prompt=instruction)``); the teacher additionally sees the target
+    edit as the last reference (position id t = 10 * (number of sources + 1)) and the instruction with a suffix that
+    says so (the reference's gt-ref variant)."""
+
+    task = "edit"
+    pipeline_tag = "image-to-image"
+    card_note = ("It edits images, as the stock editing path does: pass the source image(s) as `image=` (in the order "
+                 "they were trained in) and the instruction as `prompt=`.")
+    # The suffix of the reference's flux2-klein-edit-self-distill-gt-ref scripts.
+    default_teacher_prompt_suffix = (
+        "Note that the last image is the output image I expect to be. Your output must be as similar as the last "
+        "reference image, based on the first reference image and the editing instructions."
+    )
+
+    @torch.no_grad()
+    def encode_student(self, prompts, sources=None):
+        return self._with_references(self._encode_text(prompts), self._sources(prompts, sources))
+
+    @torch.no_grad()
+    def encode_teacher(self, prompts, images, sources=None):
+        references = [[*group, target] for group, target in zip(self._sources(prompts, sources), images)]
+        return self._with_references(self._encode_text([self.teacher_prompt(p) for p in prompts]), references)
+
+    @classmethod
+    def usage(cls, prompt):
+        return "from diffusers.utils import load_image\n", f'image=[load_image("source.png")], prompt="{prompt}"'
+
+    def _sources(self, prompts, sources):
+        if sources is None or len(sources) != len(prompts) or not all(sources):
+            raise ValueError("an edit needs its source images: pass at least one per prompt.")
+        return [list(group) for group in sources]
+
+
 FAMILIES: dict[str, type[ModelFamily]] = {f.pipeline_class_name: f for f in (ZImageFamily, Flux2KleinFamily)}
+EDIT_FAMILIES: dict[str, type[ModelFamily]] = {Flux2KleinEditFamily.pipeline_class_name: Flux2KleinEditFamily}
+TASKS = ("text-to-image", "edit")
 
 
-def family_class(pipeline_class_name: str) -> type[ModelFamily]:
-    """The family for a `_class_name` of model_index.json, or a ValueError that lists what is supported."""
+def family_class(pipeline_class_name: str, task: str = "text-to-image") -> type[ModelFamily]:
+    """The family for a `_class_name` of model_index.json and a task, or a ValueError that says what is supported."""
     if pipeline_class_name not in FAMILIES:
         supported = ", ".join(f"{f.display_name} ({name})" for name, f in FAMILIES.items())
         raise ValueError(f"{pipeline_class_name} is not supported; D-OPSD here supports step-distilled {supported}.")
+    if task == "edit":
+        if pipeline_class_name not in EDIT_FAMILIES:
+            editable = ", ".join(f.display_name for f in EDIT_FAMILIES.values())
+            raise ValueError(f"{FAMILIES[pipeline_class_name].display_name} has no editing path: edit LoRAs are for {editable}.")
+        return EDIT_FAMILIES[pipeline_class_name]
     return FAMILIES[pipeline_class_name]
 
 
@@ -706,6 +773,7 @@ class DOPSDPipeline(DiffusionPipeline, ZImageLoraLoaderMixin, Flux2LoraLoaderMix
 
     @property
     def family(self) -> ModelFamily:
+        """The text-to-image family of this model."""
         if self._family is None:
             if type(self.transformer).__name__.startswith("ZImage"):
                 stock = ZImagePipeline(**self.components)
@@ -716,6 +784,16 @@ class DOPSDPipeline(DiffusionPipeline, ZImageLoraLoaderMixin, Flux2LoraLoaderMix
             else:
                 raise ValueError(f"DOPSDPipeline supports {', '.join(FAMILIES)}; got a {type(self.transformer).__name__}.")
         return self._family
+
+    def family_for_task(self, task: str) -> ModelFamily:
+        """The family for "text-to-image" or "edit", over the same stock pipeline (and so the same weights and LoRAs)."""
+        family = self.family
+        if task == family.task:
+            return family
+        families = self.__dict__.setdefault("_task_families", {})
+        if task not in families:
+            families[task] = family_class(family.pipeline_class_name, task)(family.pipe)
+        return families[task]
 
     def load_teacher_encoder(self, vlm_name_or_path: str, min_pixels: int = 512 * 512, max_pixels: int = 768 * 768, **kwargs):
         """Z-Image only: load the Qwen3-VL teacher encoder (its language model gets this text encoder's weights)."""
@@ -743,6 +821,7 @@ class DOPSDPipeline(DiffusionPipeline, ZImageLoraLoaderMixin, Flux2LoraLoaderMix
     def __call__(
         self,
         prompt: str | list[str],
+        image=None,
         reference_image=None,
         num_inference_steps: int | None = None,
         height: int | None = None,
@@ -756,25 +835,32 @@ class DOPSDPipeline(DiffusionPipeline, ZImageLoraLoaderMixin, Flux2LoraLoaderMix
     ):
         """Generate at the family's native step count (Z-Image-Turbo 8, klein 4) unless `num_inference_steps` is given.
 
-        With `reference_image` (one PIL image, or one per prompt) the teacher's context is used instead of the prompt
-        alone: a preview of what D-OPSD will distil into the student. `latents` are in the family's state layout
-        (as returned by ``initial_noise``).
+        `image` (FLUX.2-klein): the source image(s) of an edit, one PIL image or a list used for every prompt, as the
+        stock ``Flux2KleinPipeline(image=...)`` takes them; the output defaults to the first source's size.
+        With `reference_image` (one PIL image, or one per prompt) the teacher's context is used instead of the student's:
+        a preview of what D-OPSD will distil into the student (for an edit, the reference is the target edit).
+        `latents` are in the family's state layout (as returned by ``initial_noise``).
         """
-        family = self.family
+        family = self.family_for_task("text-to-image" if image is None else "edit")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         default_height, default_width = family.default_size()
+        sources = None
+        if image is not None:
+            sources = [list(image) if isinstance(image, (list, tuple)) else [image]] * len(prompts)
+            # As the stock editing path, the output defaults to the (preprocessed) first source's size.
+            default_height, default_width = family.preprocess_reference(sources[0][0]).shape[-2:]
         if reference_image is not None:
             references = reference_image if isinstance(reference_image, (list, tuple)) else [reference_image] * len(prompts)
             if len(references) != len(prompts):
                 raise ValueError(f"Got {len(references)} reference images for {len(prompts)} prompts: pass one, or one per prompt.")
             if reason := family.teacher_ready():
                 raise RuntimeError(reason)
-            conditions = family.encode_teacher(prompts, references)
-            if isinstance(family, Flux2KleinFamily):
+            conditions = family.encode_teacher(prompts, references, sources)
+            if isinstance(family, Flux2KleinFamily) and image is None:
                 # Like the stock editing path, the output defaults to the (preprocessed) reference's size.
                 default_height, default_width = family.preprocess_reference(references[0]).shape[-2:]
         else:
-            conditions = family.encode_student(prompts)
+            conditions = family.encode_student(prompts, sources)
         height, width = height or default_height, width or default_width
         multiple = self.vae_scale_factor * 2
         if height % multiple or width % multiple:

@@ -90,8 +90,8 @@ def test_cli_writes_one_row_per_image_that_the_trainer_reads(folder, vlm):
     assert not list(folder.glob(".metadata.jsonl*"))  # no temporary or lock file left behind
 
     read = trainer_rows(folder, ",".join(SIX))
-    assert len(read) == 4 and all(len(captions) == 6 for _, _, captions in read)
-    assert sorted(captions[0] for _, _, captions in trainer_rows(folder)) == sorted(r["text"] for r in rows)
+    assert len(read) == 4 and all(len(row.captions) == 6 for row in read)
+    assert sorted(row.captions[0] for row in trainer_rows(folder)) == sorted(r["text"] for r in rows)
 
     before = (folder / "metadata.jsonl").stat()
     caption(folder, vlm, "--instance_token", "[V]", "--class_noun", "toy")

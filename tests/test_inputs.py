@@ -255,19 +255,19 @@ def test_metadata_with_a_byte_order_mark_and_unicode_line_separators_is_read(dat
     text = rows(json.dumps({"file_name": "b.png", "text": caption}, ensure_ascii=False))
     (data / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     raw = collect_raw_examples(folder_args(data))
-    assert [captions for _, _, captions in raw] == [["[V] toy"], [caption]]
+    assert [row.captions for row in raw] == [["[V] toy"], [caption]]
 
 
 def test_a_null_caption_is_no_caption(data):
     (data / "metadata.jsonl").write_text(rows('{"file_name": "b.png", "text": null, "caption": "[V] on grass"}'))
-    assert [c for _, _, c in collect_raw_examples(folder_args(data))] == [["[V] toy"], ["[V] on grass"]]
+    assert [row.captions for row in collect_raw_examples(folder_args(data))] == [["[V] toy"], ["[V] on grass"]]
 
 
 def test_rows_missing_some_listed_columns_use_their_others(data, caplog):
     (data / "metadata.jsonl").write_text(rows('{"file_name": "b.png", "short": "[V]", "long": "a [V] toy"}')
                                          .replace('"text"', '"short"'))
     raw = collect_raw_examples(folder_args(data, caption_column="short,long"))
-    assert [captions for _, _, captions in raw] == [["[V] toy"], ["[V]", "a [V] toy"]]
+    assert [row.captions for row in raw] == [["[V] toy"], ["[V]", "a [V] toy"]]
     assert sum("lack some of --caption_column short,long" in r.message for r in caplog.records) == 1
 
 
@@ -323,7 +323,7 @@ def test_caption_files_with_a_byte_order_mark_and_hidden_files(data):
     (data / "a.txt").write_bytes(b"\xef\xbb\xbf[V] toy\n")
     (data / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # what macOS leaves beside a copied photo
     raw = collect_raw_examples(folder_args(data, instance_prompt="[V]"))
-    assert [(pathlib.Path(name).name, captions) for name, _, captions in raw] == [("a.png", ["[V] toy"]), ("b.png", ["[V]"])]
+    assert [(pathlib.Path(row.name).name, row.captions) for row in raw] == [("a.png", ["[V] toy"]), ("b.png", ["[V]"])]
 
 
 @pytest.mark.parametrize("value, message", [("  ", "'text' is empty"), (3, "'text' is a int"), ("a\0b", "'text' holds a NUL")])
@@ -384,13 +384,13 @@ class RecordingFamily:
     def encoders_for(self, kind):
         return []
 
-    def encode_student(self, prompts):
+    def encode_student(self, prompts, sources=None):
         import torch
 
         self.encoded += [("student", p) for p in prompts]
         return [{"caption": torch.zeros(1)}]
 
-    def encode_teacher(self, prompts, images):
+    def encode_teacher(self, prompts, images, sources=None):
         import torch
 
         self.encoded += [("teacher", p) for p in prompts]
@@ -402,7 +402,7 @@ def test_the_fitted_caption_is_encoded_under_the_caption_s_own_key():
     example = Example("a.png", Image.new("RGB", (16, 16)), ["a photo of [V] toy"])
     cache.fill(family, [example], "dopsd")
     assert sorted(family.encoded) == [("student", "a pho"), ("teacher", "a pho")]
-    assert cache.student("a photo of [V] toy") is not None and cache.teacher(0, "a photo of [V] toy") is not None
+    assert cache.student("a photo of [V] toy", example) is not None and cache.teacher(0, "a photo of [V] toy") is not None
 
 
 def test_a_teacher_context_over_the_limit_names_the_image():
@@ -410,7 +410,7 @@ def test_a_teacher_context_over_the_limit_names_the_image():
         def fit_caption(self, caption, teacher=True):
             return caption
 
-        def encode_teacher(self, prompts, images):
+        def encode_teacher(self, prompts, images, sources=None):
             raise ValueError("The teacher context is 2000 tokens, over the limit of 1504: lower --teacher_max_pixels.")
 
     example = Example("big.png", Image.new("RGB", (16, 16)), ["[V]"])

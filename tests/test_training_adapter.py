@@ -146,13 +146,15 @@ def test_a_training_adapter_for_another_model_is_refused(tiny_models, tmp_path):
 
 @torch.no_grad()
 def test_validation_samples_the_deployed_student_without_the_adapter(tiny_models, tmp_path):
-    """Run.sample_grid's student column is the student alone (what the saved LoRA gives), not the training forward."""
+    """sample_grid's student column is the student alone (what the saved LoRA gives), not the training forward."""
     import argparse
     from types import SimpleNamespace
 
     from PIL import Image
 
-    from dopsd_training import Run, validation_generator
+    from dopsd_data import Example
+    from dopsd_outputs import validation_generator
+    from dopsd_validation import sample_grid
 
     adapter_file = write_adapter(tiny_models, "z-image", tmp_path / "adapter")
     adaptation = _trained_lora(load_stock(tiny_models / "z-image"), "diffusers", training_adapter=str(adapter_file),
@@ -161,9 +163,11 @@ def test_validation_samples_the_deployed_student_without_the_adapter(tiny_models
     condition = family.encode_student([prompt])[0]
     run_like = SimpleNamespace(
         args=argparse.Namespace(output_dir=str(tmp_path / "out"), num_inference_steps=2, num_validation_images=1, seed=0),
-        family=family, rows=[(prompt, Image.new("RGB", (64, 64)))], conditions=SimpleNamespace(student=lambda p: condition),
-        adaptation=adaptation, transformer=adaptation.transformer, device="cpu", validation_teacher={})
-    (base, student), = Run.sample_grid(run_like)
+        family=family, rows=[Example("row", Image.new("RGB", (64, 64)), [prompt])],
+        conditions=SimpleNamespace(student=lambda p, example: condition),
+        adaptation=adaptation, transformer=adaptation.transformer, device="cpu", validation_teacher=[])
+    row, = sample_grid(run_like)
+    base, student = row.base, row.student
 
     def sample(context):
         noise = family.initial_noise(1, 64, 64, validation_generator(prompt, 0, 0))
