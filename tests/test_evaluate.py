@@ -408,3 +408,29 @@ def test_base_sft_with_adapter_and_dopsd_columns_are_labelled_from_their_runs(tm
     config = {"base": "base", "num_inference_steps": 8, "num_prompts": 1, "seeds": [0]}
     table = evaluate_dopsd.markdown_table(columns, config, notes=[], warnings={})
     assert "| sft+adapter | lora (sft + training adapter ostris/adapter) |" in table and "| dopsd | lora (dopsd) |" in table
+
+
+def test_edit_rows_edit_their_sources_and_score_against_the_target(tiny_models, scorer_dirs, tmp_path, capsys):
+    """An eval row with source_image is an edit on klein: every model edits the sources, fidelity is to the target."""
+    from pipeline_dopsd import DOPSDPipeline
+
+    textured_image(2, 64).save(tmp_path / "before.png")  # klein takes sources of 64 px and more
+    textured_image(3).save(tmp_path / "after.png")
+    row = {"prompt": "make it night", "source_image": "before.png", "reference_image": "after.png"}
+    (tmp_path / "edits.jsonl").write_text(json.dumps(row) + "\n")
+    args = cli(tiny_models, scorer_dirs, tmp_path / "edits.jsonl", tmp_path / "out", "--seeds", "0")
+    args[1] = str(tiny_models / "flux2-klein")
+    evaluate_dopsd.main(args)
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    pipe = DOPSDPipeline.from_pretrained(str(tiny_models / "flux2-klein"), dtype=torch.float32)
+    expected = pipe(prompt="make it night", image=[Image.open(tmp_path / "before.png").convert("RGB")], height=SIZE, width=SIZE,
+                    generator=torch.Generator("cpu").manual_seed(0), output_type="np").images[0]
+    got = load_png(tmp_path / "out" / "images" / "base" / "p000_seed0.png").astype(np.float32)
+    assert abs(got - np.round(expected * 255)).max() <= 1
+    text = json.dumps(report)
+    assert "dino_distance" in text and "before.png" in text
+    # Z-Image cannot edit: refused before anything is generated.
+    args[1] = str(tiny_models / "z-image")
+    with pytest.raises(SystemExit):
+        evaluate_dopsd.run_main(lambda: evaluate_dopsd.main(args))
+    assert "Z-Image-Turbo has no editing path" in capsys.readouterr().err
