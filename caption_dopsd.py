@@ -235,7 +235,7 @@ def clean_caption(text: str) -> str:
     """One line of plain text: reasoning, labels, surrounding quotes and control characters removed.
 
     Every run of whitespace becomes one space, line and paragraph separators included: U+2028, U+0085 and the like,
-    written raw into the JSON line, would split it for the trainer's reader (str.splitlines).
+    written raw into the JSON line, would split it for readers that split at them (str.splitlines).
     """
     if "</think>" in text:
         text = text.rsplit("</think>", 1)[1]
@@ -308,7 +308,10 @@ class Metadata:
             raise UserError(f"{self.path} is not UTF-8 text: re-save it as UTF-8.") from None
         except OSError as error:
             raise UserError(f"cannot read {self.path} ({error.strerror}).") from None
-        self.lines = text.splitlines()  # as the trainer splits it
+        # As the trainer splits JSON Lines: at \n only (str.splitlines would also split inside a caption at U+2028).
+        self.lines = [line.rstrip("\r") for line in text.split("\n")]
+        if self.lines and not self.lines[-1]:
+            self.lines.pop()  # the newline that ends the last line starts no line of its own
         for index, line in enumerate(self.lines):
             if not line.strip():
                 continue

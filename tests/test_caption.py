@@ -333,3 +333,12 @@ def test_a_batch_generates_what_each_image_generates_alone(vlm):
     request = caption_dopsd.instruction("short_en", Trigger(), None)
     together = captioner.generate(images, request, 6)
     assert together == [captioner.generate([image], request, 6)[0] for image in images]
+
+
+def test_the_captioner_splits_metadata_lines_where_the_trainer_does(folder):
+    """A caption holding U+2028 (json.dumps(ensure_ascii=False) writes it raw) is one line for both readers."""
+    row = {"file_name": "toy_grass.png", "text": "a [V] toy\u2028on grass"}
+    (folder / "metadata.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    metadata = caption_dopsd.Metadata(folder)
+    assert list(metadata.rows.values()) == [row] and len(metadata.lines) == 1
+    assert [r.captions for r in trainer_rows(folder)] == [[row["text"]]]
