@@ -129,17 +129,32 @@ def test_sources_outside_edit_mode_and_edits_without_metadata_are_refused(tmp_pa
         collect_raw_examples(edit_args(tmp_path, task="text-to-image"))
 
 
-def test_a_source_under_klein_s_minimum_is_refused_before_loading(tiny_models, tmp_path):
+@pytest.mark.parametrize("small, named", [("s.png", "(source 1: s.png)"), ("t.png", "t.png")])
+def test_an_image_under_klein_s_minimum_is_refused_before_loading(tiny_models, tmp_path, small, named):
     data = tmp_path / "data"
     data.mkdir()
-    picture((9, 9, 9)).save(data / "t.png")
-    picture((9, 9, 9), (48, 48)).save(data / "s.png")
+    for name in ("t.png", "s.png"):
+        picture((9, 9, 9), (48, 48) if name == small else (64, 64)).save(data / name)
     (data / "metadata.jsonl").write_text(json.dumps({"source_image": "s.png", "file_name": "t.png", "text": "x"}) + "\n")
     result = run_script("train_dopsd_lora.py", ["--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--task", "edit",
                                                 "--instance_data_dir", data, "--output_dir", tmp_path / "out", "--resolution", 64],
                         check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "(source 1: s.png): 48x48 is smaller than" in result.stderr
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and f"{named}: 48x48 is smaller than" in last
+
+
+def test_dataset_edit_rows_take_their_sources_from_the_source_columns():
+    from dopsd_data import _dataset_rows
+
+    args = argparse.Namespace(dataset_name="user/edits", instance_prompt=None, image_column="after")
+    rows = [{"after": "T", "before": "S", "extra": ["X", "Y"], "text": "edit"},
+            {"after": "T", "before": None, "extra": [], "text": "edit"}]
+    read = _dataset_rows(args, rows, ["text"], ["before", "extra"])
+    first = next(read)
+    assert (first.image, first.sources, first.captions) == ("T", ("S", "X", "Y"), ["edit"])
+    with pytest.raises(UserError, match=r"row 1 of user/edits has no source image in --source_image_column before,extra"):
+        next(read)
 
 
 def test_batches_never_mix_target_sizes_or_source_layouts():
