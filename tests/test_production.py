@@ -82,7 +82,7 @@ def test_folder_with_metadata_jsonl_and_several_caption_columns(tmp_path):
             {"file_name": "sub.png", "short": "[V] toy, wide"}]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     raw = collect_raw_examples(args_for(instance_data_dir=str(tmp_path), caption_column="short,long"))
-    assert [captions for _, _, captions in raw] == [["[V] toy", "a photo of [V] toy on a table"], ["[V] toy, wide"]]
+    assert [row.captions for row in raw] == [["[V] toy", "a photo of [V] toy on a table"], ["[V] toy, wide"]]
     examples = load_examples(args_for(instance_data_dir=str(tmp_path)), raw, ZImageFamily)
     assert examples[1].image.size[0] > examples[1].image.size[1]  # the wide image went to a landscape bucket
 
@@ -100,8 +100,8 @@ def test_local_imagefolder_through_datasets(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "caption": f"[V] {i}"}) for i in range(2)))
     for streaming in (False, True):
         raw = list(collect_raw_examples(args_for(dataset_name=str(tmp_path), caption_column="caption", dataset_streaming=streaming)))
-        assert sorted(c[0] for _, _, c in raw) == ["[V] 0", "[V] 1"]
-        assert all(isinstance(image, Image.Image) for _, image, _ in raw)
+        assert sorted(row.captions[0] for row in raw) == ["[V] 0", "[V] 1"]
+        assert all(isinstance(row.image, Image.Image) for row in raw)
 
 
 def test_bad_files_are_named_and_can_be_skipped(tmp_path, caplog):

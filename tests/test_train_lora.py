@@ -179,4 +179,4 @@ def test_encoders_are_freed_once_the_conditions_are_cached(tiny_models, sample_d
     gc.collect()
     assert dropped["text_encoder"]() is None and dropped["teacher"]() is None
     assert (dropped["vae"]() is run.family.pipe.vae) if validation else (dropped["vae"]() is None)
-    assert run.conditions.student(run.examples[0].captions[0])["caption"].shape[-1] > 0  # what they computed stays
+    assert run.conditions.student(run.examples[0].captions[0], run.examples[0])["caption"].shape[-1] > 0  # what they computed stays

@@ -187,7 +187,7 @@ MUTANTS = [
            "np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)", "np.linspace(1.0, 0.0, num_inference_steps)"),
     Mutant("pipeline_dopsd.py:Flux2KleinFamily.encode_teacher", "the teacher's text without the suffix",
            "[self.teacher_prompt(p) for p in prompts]", "list(prompts)"),
-    Mutant("pipeline_dopsd.py:Flux2KleinFamily.encode_teacher", "no reference image in the teacher's context",
+    Mutant("pipeline_dopsd.py:Flux2KleinFamily._with_references", "no reference image in the teacher's context",
            "condition.update(reference_latents=latents, reference_ids=ids)", "condition.update(reference_ids=ids)"),
     Mutant("pipeline_dopsd.py:Flux2KleinFamily.teacher_prompt", "the suffix dropped from the teacher prompt",
            'return f"{prompt} {self.teacher_prompt_suffix}".strip()', "return prompt"),
