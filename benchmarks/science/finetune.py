@@ -47,12 +47,17 @@ def covers_all_modes(seed: int) -> bool:
 LORA_RANK = 4
 
 
-def with_lora(turbo: VelocityMLP) -> VelocityMLP:
-    """A copy of the turbo with a LoRA on every layer (B = 0: the copy starts as the turbo); only the LoRA trains."""
+def with_lora(turbo: VelocityMLP, seed: int) -> VelocityMLP:
+    """A copy of the turbo with a LoRA on every layer (B = 0: the copy starts as the turbo); only the LoRA trains.
+
+    peft draws LoRA A from the global generator, so the draw is seeded here: a run must not depend on what ran before
+    it in the same process."""
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=["input", "hidden.0", "hidden.1", "output"])
-    model = inject_adapter_in_model(config, copy.deepcopy(turbo))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = inject_adapter_in_model(config, copy.deepcopy(turbo))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
     return model.train()
@@ -65,7 +70,7 @@ def finetune(turbo: VelocityMLP, family: ToyFamily, method: Method, samples: tor
     Returns (figures per evaluated step, {step: model copy} when `keep_models`, per-step mean losses); step 0 is the
     turbo itself when listed in `eval_steps`."""
     generator = torch.Generator().manual_seed(seed)
-    student = with_lora(turbo)
+    student = with_lora(turbo, seed)
     trainable = [p for p in student.parameters() if p.requires_grad]
     # No weight decay (as the training scripts' default): it would move the weights even under an exactly zero loss.
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)

@@ -226,9 +226,9 @@ def mode_shares(points: torch.Tensor, phase: float) -> torch.Tensor:
 
 
 def coverage(points: torch.Tensor, phase: float) -> float:
-    """How much of the concept's modes the precise points cover: sum over modes of min(share, 1/4) * 4, so 1 for
-    an even spread, 0.75 when one mode is missing, 0 when no point is precise."""
-    return (mode_shares(points, phase).clamp(max=1 / NUM_MODES).sum() * 1.0).item()
+    """How evenly the precise points cover the concept's modes: the sum over modes of min(share, 1/4), so 1 for an
+    even spread, 0.75 when one mode is missing, 0 when no point is precise."""
+    return mode_shares(points, phase).clamp(max=1 / NUM_MODES).sum().item()
 
 
 def modes_drawn(points: torch.Tensor, phase: float) -> int:
