@@ -262,6 +262,7 @@ def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, comm
                      f"{fmt_ci(final_values(label, 'new_coverage_4', all_seeds))} | "
                      f"{fmt_ci(final_values(label, 'old_precision_4', all_seeds))} | "
                      f"{fmt_ci(final_values(label, 'old_gap', all_seeds), signed=True)} |")
+    lines += reading(summary, full, partial)
     lines += [
         "",
         f"**Paired differences at the last step ({STEPS})**, arm − SFT over all 12 seeds (where both learn the concept "
@@ -282,6 +283,64 @@ def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, comm
               f"({sum(x > 0 for x in d)}/12 > 0).",
               "", "Curves: `benchmarks/science/frontiers.png`; samples: `benchmarks/science/samples.png`.", SECTION_END]
     return "\n".join(lines) + "\n"
+
+
+def reading(summary, full: list[int], partial: list[int]) -> list[str]:
+    """What the tables say, in sentences, with the figures computed from them (including where D-OPSD does not win)."""
+    seeds = list(EVAL_SEEDS)
+    main, off = ARMS[1][0], ARMS[4][0]
+
+    def final(label, key):
+        return [summary[label][s]["final"][key] for s in seeds]
+
+    def final_diff(a, b, key):
+        return [x - y for x, y in zip(final(a, key), final(b, key))]
+
+    def count(d):
+        return f"{sum(x > 0 for x in d)}/{len(d)} seeds"
+
+    matched = paired(summary, main, "SFT", seeds, "old_precision_4")
+    matched_full = paired(summary, main, "SFT", full, "old_precision_4")
+    matched_partial = paired(summary, main, "SFT", partial, "old_precision_4")
+    old_final = final_diff(main, "SFT", "old_precision_4")
+    return [
+        "",
+        "**Reading.**",
+        "",
+        f"- *At matched learning, read as planned* (the first point where the new concept's precision reaches "
+        f"{MATCHED_PRECISION}): D-OPSD (EMA {DOPSD_EMA}) keeps {fmt_ci(matched, signed=True)} more old-concept "
+        f"precision than SFT, ahead on {count(matched)}: **no significant win.** Where the 8 samples cover all modes "
+        f"{fmt_ci(matched_full, signed=True)} ({count(matched_full)}); where they miss one "
+        f"{fmt_ci(matched_partial, signed=True)} ({count(matched_partial)}). At that point (10-35 steps in) both "
+        "methods have just lost most of the old concepts.",
+        f"- *At step {STEPS}*, where both have learnt the concept equally (new precision D-OPSD − SFT "
+        f"{fmt_ci(final_diff(main, 'SFT', 'new_precision_4'), signed=True)}), D-OPSD keeps more old-concept precision, "
+        f"{fmt_ci(old_final, signed=True)} ({count(old_final)}), draws the concept's modes more evenly (coverage "
+        f"{fmt_ci(final_diff(main, 'SFT', 'new_coverage_4'), signed=True)}: SFT copies the uneven spread of its 8 "
+        "samples), and stays more of a few-step model (old gap "
+        f"{fmt_ci(final_diff(main, 'SFT', 'old_gap'), signed=True)}). This reading was chosen after the curves were "
+        "seen (D-OPSD's retention dips early and recovers, SFT's does not); the planned one is above.",
+        "- *Nobody keeps the old concepts* in this world: from the turbo's 0.83, old precision at step "
+        f"{STEPS} is " + ", ".join(f"{statistics.mean(final(label, 'old_precision_4')):.2f} ({label})"
+                                   for label, _, _ in ARMS) + ". D-OPSD's win is less forgetting, not none.",
+        f"- *D-OPSD cannot learn past its teacher*: its best new precision is "
+        f"{fmt_ci([summary[main][s]['best_new_precision_4'] for s in seeds])} (the teacher gate is about 0.77), "
+        f"SFT's {fmt_ci([summary['SFT'][s]['best_new_precision_4'] for s in seeds])}.",
+        f"- *The few-step loss under SFT* is the loss of the turbo's few-step advantage (old gap from -0.18 to "
+        f"{fmt_ci(final('SFT', 'old_gap'), signed=True)}), not a model that is now better at 32 steps: SFT's 4- and "
+        "32-step precision fall together. This world shows forgetting more than de-distillation.",
+        f"- *EMA 0.99 collapses*: its new precision at step {STEPS} is {fmt_ci(final(ARMS[2][0], 'new_precision_4'))} "
+        f"(the teacher follows the student down); 0.999 and a frozen teacher are indistinguishable here "
+        f"(old precision {fmt_ci(final_diff(main, ARMS[3][0], 'old_precision_4'), signed=True)}).",
+        f"- *On-policy retains no more than off-policy*: on-policy − off-policy old precision at step {STEPS} "
+        f"{fmt_ci(final_diff(main, off, 'old_precision_4'), signed=True)}; on-policy learns a little more (new "
+        f"precision {fmt_ci(final_diff(main, off, 'new_precision_4'), signed=True)}). The paper's ablation (off-policy "
+        "clearly worse) is not reproduced.",
+        "- *Caveats*: D-OPSD's selected rate is the top of the grid and its sweep scores are flat within noise; "
+        "the world gate 'concept_unknown' was loosened from <= 0.05 to <= 0.15 after worlds 1 and 2 measured 0.081 and "
+        "0.059 (with 0.05, 2 of 4 worlds pass); full fine-tuning instead of a LoRA lost every old concept (precision "
+        "about 0.05) within 50 steps for every method and rate tried, which is why the check uses a LoRA.",
+    ]
 
 
 def write_section(path: Path, section: str):
