@@ -1,292 +1,346 @@
 # Copyright 2026 The dopsd authors. Licensed under the Apache License, Version 2.0.
-"""Science check: does our D-OPSD teach a few-step model a new concept and keep its few-step quality, where SFT forgets?
+"""Science check: at matched concept learning, does D-OPSD keep a few-step model's old concepts better than SFT?
 
-    python -m benchmarks.science.run_science [--seeds 11 21 31 41] [--steps 200] [--out BENCHMARKS.md]
+    python -m benchmarks.science.run_science      # sweep, 12 seeds, all arms -> BENCHMARKS.md + PNGs (minutes, 1 thread)
 
-The shipped 4-step turbo of the 2-D concept world (build_models.py) is fine-tuned on 8 samples of a new concept "[V]"
-by vanilla SFT and by D-OPSD with three EMA decays, plus a control whose teacher sees only the text. Both methods run
-through dopsd_training's own ``sft_step``, ``dopsd_step`` and ``ema_update``. The table goes into the science section
-of the Markdown file, the samples into a scatter plot; the claims are checked and printed with the figures.
+The shipped 4-step turbo of the 2-D concept world (build_models.py) gets a LoRA fine-tuned on 8 samples of a new
+concept "[V]", by vanilla SFT and by D-OPSD, through dopsd_training's own ``sft_step``, ``dopsd_step`` and
+``ema_update`` (finetune.py). The protocol, in the order it runs:
+
+1. Learning-rate sweep on 4 held-out seeds: each method gets the rate that maximises its retention (old concepts'
+   4-step precision) at matched learning (the first point where the new concept's 4-step precision reaches
+   MATCHED_PRECISION), averaged over those seeds; a run that never gets there scores 0.
+2. 12 other seeds, each method at its own selected rate; D-OPSD's EMA decays and the off-policy ablation (the
+   ``off_policy_x0`` option of dopsd_step) at D-OPSD's rate. Figures at fixed steps give curves of learning against
+   retention, read at matched learning per seed; paired differences get 95 % t intervals over seeds, and are split by
+   whether a seed's 8 samples cover all 4 modes of the concept.
+
+The figures go into the science section of BENCHMARKS.md, the curves into frontiers.png, samples into samples.png and
+every per-seed figure into results.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
+import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.science.build_models import GATES_PATH, TURBO_PATH
+from benchmarks.science.build_models import check_gates
+from benchmarks.science.finetune import (
+    BATCH, DOPSD, LORA_RANK, NUM_CONCEPT_SAMPLES, SFT, Method, concept_samples, covers_all_modes, finetune,
+)
 from benchmarks.science.toy_world import (
-    EVAL_SAMPLES, FEW_STEPS, MODE_STD, NAMED_WORDS, NEW_CONCEPT_PHASE, NEW_WORD, NUM_MODES, SHARP_RADIUS, ToyFamily,
-    VelocityMLP, evaluate, generate, load_model, mode_centres, phase_of, sample_concept,
+    FEW_STEPS, MANY_STEPS, MODE_STD, NAMED_WORDS, NEW_CONCEPT_PHASE, NEW_WORD, NUM_MODES, PERFECT_PRECISION,
+    PRECISE_RADIUS, SHIPPED_WORLD_SEED, ToyFamily, generate, load_model, mode_centres, phase_of, world_dir,
 )
-from dopsd_training import dopsd_step, ema_update, sample_sft_sigmas, sft_step
-from pipeline_dopsd import rollout_sigmas
 
-NUM_CONCEPT_SAMPLES = 8
-BATCH = 256
-LEARNING_RATE = 3e-4
-EVAL_EVERY = 100
-DEFAULT_SEEDS = (11, 21, 31, 41)  # 11, 21 and 31 draw samples that miss a mode; 41 covers all four
-DEFAULT_STEPS = 200
-REPO_ROOT = Path(__file__).resolve().parents[2]
+STEPS = 200
+EVAL_STEPS = (0, 10, 20, 35, 50, 75, 100, 150, 200)
+SWEEP_SEEDS = (101, 102, 103, 104)
+EVAL_SEEDS = tuple(range(1, 13))
+LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2)  # LoRA rates, swept for SFT and for D-OPSD
+MATCHED_PRECISION = 0.7  # "learned": 4-step precision on the new concept; the D-OPSD teacher's own is about 0.77
+DOPSD_EMA = 0.999  # the main D-OPSD arm; 0.99 is shown too (its teacher collapses within ~150 steps here)
+ARMS = (  # (label, method, whose selected learning rate it runs at)
+    ("SFT", SFT, "sft"),
+    ("D-OPSD, EMA 0.999", Method("D-OPSD, EMA 0.999", "dopsd", DOPSD_EMA), "dopsd"),
+    ("D-OPSD, EMA 0.99", Method("D-OPSD, EMA 0.99", "dopsd", 0.99), "dopsd"),
+    ("D-OPSD, frozen teacher", Method("D-OPSD, frozen teacher", "dopsd", 1.0), "dopsd"),
+    ("off-policy, EMA 0.999", Method("off-policy, EMA 0.999", "dopsd", DOPSD_EMA, off_policy=True), "dopsd"),
+)
+SWEPT = {"sft": SFT, "dopsd": ARMS[1][1]}
+HERE = Path(__file__).parent
+REPO_ROOT = HERE.parents[1]
 DEFAULT_OUT = REPO_ROOT / "BENCHMARKS.md"
-DEFAULT_PLOT = Path(__file__).parent / "samples.png"
 SECTION_START, SECTION_END = "<!-- science:start -->", "<!-- science:end -->"
-PLOTTED_OLD_WORDS = ("concept 0", "concept 3", "concept 6")  # three of the eight, spread around the ring
+COLOURS = {"SFT": "tab:red", "D-OPSD, EMA 0.999": "tab:blue", "D-OPSD, EMA 0.99": "tab:cyan",
+           "D-OPSD, frozen teacher": "tab:purple", "off-policy, EMA 0.999": "tab:green"}
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    ema_decay: float | None = None  # None: SFT, no teacher
-    teacher_sees_reference: bool = True
-
-    @property
-    def is_sft(self) -> bool:
-        return self.ema_decay is None
-
-
-SFT = Method("SFT")
-DOPSD = Method("D-OPSD, EMA 0.99", 0.99)
-METHODS = (
-    SFT,
-    DOPSD,
-    Method("D-OPSD, EMA 0.999", 0.999),
-    Method("D-OPSD, frozen teacher", 1.0),
-    Method("D-OPSD, text-only teacher", 0.99, teacher_sees_reference=False),
-)
-
-
-@dataclass
-class Checkpoint:
-    step: int
-    figures: dict[str, float]
-    model: VelocityMLP
-    losses: list[float]  # the mean training loss of every step up to this one
-
-
-def concept_samples(seed: int) -> tuple[torch.Tensor, list[int]]:
-    """The 8 training samples of the new concept for a seed, and which of its modes they cover."""
-    points, modes = sample_concept(NEW_CONCEPT_PHASE, NUM_CONCEPT_SAMPLES, torch.Generator().manual_seed(seed))
-    return points, sorted(set(modes.tolist()))
-
-
-def finetune(turbo: VelocityMLP, method: Method, samples: torch.Tensor, steps: int, seed: int,
-             eval_steps: tuple[int, ...]) -> list[Checkpoint]:
-    """Full fine-tuning of a copy of the turbo by `method`; figures (and a copy of the model) at each of `eval_steps`."""
-    family = ToyFamily()
-    generator = torch.Generator().manual_seed(seed)
-    student = copy.deepcopy(turbo).train()
-    # No weight decay (as the training scripts' default): it would move the weights even under an exactly zero loss.
-    optimizer = torch.optim.AdamW(student.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-    teacher = None if method.is_sft else copy.deepcopy(turbo).requires_grad_(False)
-    student_condition = family.collate(family.encode_student([NEW_WORD] * BATCH))
-
-    def student_velocity(x, sigma):
-        return family.velocity(student, x, sigma, student_condition)
-
-    checkpoints, losses = [], []
-    for step in range(1, steps + 1):
-        noise = family.initial_noise(BATCH, generator=generator)
-        if method.is_sft:
-            x0 = samples.repeat(BATCH // len(samples), 1)
-            sigma = sample_sft_sigmas(family, BATCH, None, None, generator, "cpu")
-            step_losses = [sft_step(student_velocity, x0, noise, sigma, backward=torch.Tensor.backward)]
-        else:
-            if method.teacher_sees_reference:
-                references = samples[torch.randint(len(samples), (BATCH,), generator=generator)]
-                teacher_condition = family.collate(family.encode_teacher([NEW_WORD] * BATCH, references))
-            else:
-                teacher_condition = student_condition
-            sigmas = rollout_sigmas(family.sigmas(FEW_STEPS), FEW_STEPS)
-            step_losses = dopsd_step(
-                student_velocity, lambda x, sigma: family.velocity(teacher, x, sigma, teacher_condition), noise, sigmas,
-                "x0", backward=lambda loss: (loss / FEW_STEPS).backward(),
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            ema_update(list(teacher.parameters()), list(student.parameters()), method.ema_decay)
-        losses.append(torch.stack(step_losses).mean().item())
-        if step in eval_steps:
-            snapshot = copy.deepcopy(student).eval()
-            checkpoints.append(Checkpoint(step, evaluate(snapshot), snapshot, list(losses)))
-    return checkpoints
-
-
-@dataclass
-class SeedResult:
-    seed: int
-    samples: torch.Tensor
-    covered: list[int]
-    runs: dict[str, list[Checkpoint]]
-
-
-def run_seed(turbo: VelocityMLP, seed: int, steps: int) -> SeedResult:
-    samples, covered = concept_samples(seed)
-    eval_steps = tuple(sorted({*range(EVAL_EVERY, steps + 1, EVAL_EVERY), steps}))
-    runs = {}
-    for method in METHODS:
-        start = time.perf_counter()
-        runs[method.name] = finetune(turbo, method, samples, steps, seed, eval_steps)
-        last = runs[method.name][-1]
-        figures = last.figures
-        print(f"seed {seed} {method.name:26s} step {last.step}: new {figures['new_sharp']:.3f} / {figures['new_modes']} "
-              f"modes, old {figures['old_sharp']:.3f} ({time.perf_counter() - start:.1f} s)", flush=True)
-    return SeedResult(seed, samples, covered, runs)
+def shipped_selection() -> dict[str, float]:
+    """The learning rates the last full run's sweep selected (results.json), for checks that do not rerun the sweep."""
+    return json.loads((HERE / "results.json").read_text())["selected_learning_rates"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The claims, checked on the figures
+# Reading a run's curve at matched learning
 
 
-def at_step(results: list[SeedResult], method: Method, step: int) -> list[dict[str, float]]:
-    return [next(c.figures for c in r.runs[method.name] if c.step == step) for r in results]
+def at_matched_learning(curve: dict[int, dict], key: str) -> float | None:
+    """`key` where the new concept's 4-step precision first reaches MATCHED_PRECISION, linearly interpolated between
+    the two evaluated steps around the crossing; None when the run never gets there."""
+    steps = sorted(curve)
+    for before, after in zip(steps, steps[1:]):
+        p0, p1 = curve[before]["new_precision_4"], curve[after]["new_precision_4"]
+        if p1 >= MATCHED_PRECISION > p0:
+            t = (MATCHED_PRECISION - p0) / (p1 - p0)
+            return curve[before][key] + t * (curve[after][key] - curve[before][key])
+    return None
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def run_arm(turbo, family, method: Method, seed: int, learning_rate: float) -> dict[int, dict]:
+    samples, _ = concept_samples(seed)
+    figures, _, _ = finetune(turbo, family, method, samples, STEPS, seed, learning_rate, eval_steps=EVAL_STEPS)
+    return figures
 
 
-def check_claims(results: list[SeedResult], turbo_figures: dict[str, float], first_step: int,
-                 last_step: int) -> list[tuple[bool, str]]:
-    """(passed, statement with the measured figures) for each claim of the issue."""
-    sft, dopsd = at_step(results, SFT, first_step), at_step(results, DOPSD, first_step)
-    claims = []
+def sweep(turbo, family) -> tuple[dict[str, float], dict]:
+    """Each swept method's rate by the stated rule, and the scores it was chosen on."""
+    scores, selected = {}, {}
+    for kind, method in SWEPT.items():
+        for learning_rate in LEARNING_RATES:
+            retained = [at_matched_learning(run_arm(turbo, family, method, seed, learning_rate), "old_precision_4")
+                        for seed in SWEEP_SEEDS]
+            scores[f"{kind} {learning_rate:g}"] = {
+                "mean_retention_at_matched": statistics.mean(r if r is not None else 0.0 for r in retained),
+                "seeds_reaching_matched": sum(r is not None for r in retained)}
+            print(f"sweep {kind} lr {learning_rate:g}: {scores[f'{kind} {learning_rate:g}']}", flush=True)
+        selected[kind] = max(LEARNING_RATES, key=lambda lr: scores[f"{kind} {lr:g}"]["mean_retention_at_matched"])
+    return selected, scores
 
-    new_sft, new_dopsd = [f["new_sharp"] for f in sft], [f["new_sharp"] for f in dopsd]
-    claims.append((min(new_sft + new_dopsd) >= 0.75 and abs(mean(new_sft) - mean(new_dopsd)) <= 0.05,
-                   f"both learn the concept equally by step {first_step}: new-concept sharpness SFT "
-                   f"{min(new_sft):.3f}-{max(new_sft):.3f}, D-OPSD (EMA 0.99) {min(new_dopsd):.3f}-{max(new_dopsd):.3f} "
-                   "(criterion: all >= 0.75, means within 0.05; documented: about 0.85-0.9)"))
-    old_sft, old_dopsd = [f["old_sharp"] for f in sft], [f["old_sharp"] for f in dopsd]
-    claims.append((min(old_dopsd) >= 0.70 and max(old_sft) <= 0.55,
-                   f"documented retention figures at step {first_step}: old-concept sharpness D-OPSD "
-                   f"{min(old_dopsd):.3f}-{max(old_dopsd):.3f} (documented >= 0.70) vs SFT {min(old_sft):.3f}-"
-                   f"{max(old_sft):.3f} (documented <= 0.55)"))
-    differences = [d - s for d, s in zip(old_dopsd, old_sft)]
-    claims.append((mean(differences) >= 0.05 and sum(d > 0 for d in differences) > len(differences) / 2,
-                   f"D-OPSD keeps more of the old concepts than SFT at step {first_step}: old sharpness D-OPSD - SFT per "
-                   f"seed {' / '.join(f'{d:+.3f}' for d in differences)}, mean {mean(differences):+.3f} "
-                   "(criterion: mean >= +0.05 and ahead on most seeds)"))
 
-    missing = [i for i, r in enumerate(results) if len(r.covered) < NUM_MODES]
-    if missing:
-        dopsd_modes, sft_modes = [dopsd[i]["new_modes"] for i in missing], [sft[i]["new_modes"] for i in missing]
-        claims.append((min(dopsd_modes) == NUM_MODES and max(sft_modes) < NUM_MODES,
-                       f"generalisation on the {len(missing)} seeds whose samples miss a mode: D-OPSD produces "
-                       f"{dopsd_modes} modes, SFT {sft_modes} (claim: D-OPSD all {NUM_MODES}, SFT fewer)"))
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics
 
-    by_decay = {m.ema_decay: at_step(results, m, last_step) for m in METHODS if m.teacher_sees_reference and not m.is_sft}
-    new_by_decay = {d: mean(f["new_sharp"] for f in v) for d, v in by_decay.items()}
-    old_by_decay = {d: mean(f["old_sharp"] for f in v) for d, v in by_decay.items()}
-    claims.append((new_by_decay[0.99] > new_by_decay[0.999] > new_by_decay[1.0] - 0.02 and
-                   old_by_decay[0.99] < old_by_decay[0.999] and old_by_decay[0.99] < old_by_decay[1.0],
-                   f"EMA trade-off at step {last_step} (decay 0.99 / 0.999 / frozen): new "
-                   + " / ".join(f"{new_by_decay[d]:.3f}" for d in (0.99, 0.999, 1.0)) + ", old "
-                   + " / ".join(f"{old_by_decay[d]:.3f}" for d in (0.99, 0.999, 1.0))
-                   + " (claim: faster EMA learns more and keeps less)"))
 
-    control = [c for r in results for c in r.runs["D-OPSD, text-only teacher"]]
-    exact = all(max(c.losses) == 0.0 and c.figures == turbo_figures for c in control)
-    claims.append((exact, "text-only teacher: every loss exactly 0 and figures identical to the turbo's"
-                          if exact else "text-only teacher: NOT an exact no-op"))
-    return claims
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95 % t interval over seeds."""
+    from scipy.stats import t
+
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def fmt_ci(values: list[float], signed: bool = False) -> str:
+    if not values:
+        return "–"
+    mean, low, high = mean_ci(values)
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(mean)} [{f.format(low)}, {f.format(high)}]" if len(values) > 1 else f.format(mean)
+
+
+def summarise(curves: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+    """Per arm: figures at matched learning and at the last step, per seed (None where an arm never matched)."""
+    summary = {}
+    for label in curves:
+        per_seed = {}
+        for seed in seeds:
+            curve = curves[label][seed]
+            per_seed[seed] = {
+                "matched": {k: at_matched_learning(curve, k) for k in
+                            ("old_precision_4", "old_gap", "new_coverage_4", "old_precision_32")},
+                "final": curve[STEPS],
+                "best_new_precision_4": max(f["new_precision_4"] for f in curve.values()),
+            }
+        summary[label] = per_seed
+    return summary
+
+
+def paired(summary, a: str, b: str, seeds, key: str) -> list[float]:
+    """a - b at matched learning, for the seeds on which both arms matched."""
+    out = []
+    for seed in seeds:
+        x, y = summary[a][seed]["matched"][key], summary[b][seed]["matched"][key]
+        if x is not None and y is not None:
+            out.append(x - y)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Outputs
 
 
-def format_range(values: list[float]) -> str:
-    return f"{mean(values):.3f} [{min(values):.3f}-{max(values):.3f}]" if len(values) > 1 else f"{values[0]:.3f}"
+def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, command, seconds) -> str:
+    all_seeds = list(EVAL_SEEDS)
+    full = [s for s in all_seeds if covers_all_modes(s)]
+    partial = [s for s in all_seeds if not covers_all_modes(s)]
+    main = ARMS[1][0]
 
+    def matched_values(label, key, seeds):
+        return [summary[label][s]["matched"][key] for s in seeds if summary[label][s]["matched"][key] is not None]
 
-def markdown_section(results, turbo_figures, claims, command: str, seconds: float, steps: list[int]) -> str:
-    gates = json.loads(GATES_PATH.read_text())["figures"]
-    seeds = " / ".join(str(r.seed) for r in results)
+    def final_values(label, key, seeds):
+        return [summary[label][s]["final"][key] for s in seeds]
+
     lines = [
         SECTION_START,
         "## Science check: D-OPSD vs SFT on a 4-step model (2-D concept world)",
         "",
-        f"`{command}` ({seconds:.0f} s on one CPU thread). Written by `benchmarks/science/run_science.py`; the world, "
-        "models and gates are in `benchmarks/science/`, designed in the research notes' `toy_world.md` (Iteration 3).",
+        f"`{command}` ({seconds / 60:.1f} min on one CPU thread). Written by `benchmarks/science/run_science.py`; the "
+        "world, models and gates are in `benchmarks/science/` (per-seed figures: `benchmarks/science/results.json`).",
         "",
-        f"A 4-step turbo, distilled from a flow model of rings of {NUM_MODES} modes, is fully fine-tuned on "
-        f"{NUM_CONCEPT_SAMPLES} samples of a new concept \"[V]\" (phase {NEW_CONCEPT_PHASE}), batch {BATCH}, AdamW lr "
-        f"{LEARNING_RATE}. SFT and D-OPSD run through `dopsd_training.sft_step` / `dopsd_step` / `ema_update`; the "
-        "D-OPSD teacher is an EMA weight copy conditioned on \"[V]\" + a training sample as the reference. All figures "
-        f"at 4 Euler steps on {EVAL_SAMPLES} fixed-noise samples: *new* = fraction of \"[V]\" samples within "
-        f"{SHARP_RADIUS:.2f} (4 std) of a mode of the concept (chance about 0.2), *modes* = modes with at least 10 % of "
-        "their share, per seed, *old* = the same sharpness, text only, averaged over the 8 named concepts the turbo "
-        "already knew.",
+        "**Setup.** Concepts are rings of 4 Gaussian modes (radius 2, std "
+        f"{MODE_STD}); 4 named concepts, and the new concept \"[V]\" midway between two of them. A base flow model and "
+        "its 4-step distilled turbo are shipped. The turbo gets a rank-"
+        f"{LORA_RANK} LoRA on all layers, trained on {NUM_CONCEPT_SAMPLES} samples of \"[V]\" (batch {BATCH}, AdamW, "
+        f"{STEPS} steps) through `dopsd_training.sft_step` / `dopsd_step` / `ema_update`. The D-OPSD teacher is the "
+        "EMA of the student's LoRA, seeing \"[V]\" plus the 8 samples as a reference set; the student sees \"[V]\" alone. "
+        f"*Precision* = fraction of samples within 2 std ({PRECISE_RADIUS:.2f}) of one of the concept's own modes "
+        f"(perfect sampler {PERFECT_PRECISION:.3f}; samples of a neighbouring concept score about 0); *coverage* = "
+        "how evenly the precise samples fill the 4 modes (1 = all, 0.75 = one missing); *old* = the 4 named concepts' "
+        f"precision, text only, at {FEW_STEPS} steps; *gap* = old precision at {MANY_STEPS} steps minus at {FEW_STEPS} "
+        "(negative = the model is better at few steps, as a distilled model is).",
         "",
-        "Gates of the shipped models (`benchmarks/science/checkpoints/gates.json`): "
-        f"base on named concepts {gates['base_named_32']:.3f} at 32 steps vs {gates['base_named_4']:.3f} at 4; "
-        f"turbo {gates['turbo_named_4']:.3f} at 4; generic word + reference of the new phase: base@32 "
-        f"{gates['base_in_context_32']:.3f}, turbo@4 {gates['turbo_in_context_4']:.3f}; turbo on \"[V]\": text only "
-        f"{gates['turbo_new_text_4']:.3f}, + reference (the teacher) {gates['turbo_new_teacher_4']:.3f}.",
+        f"**Gates of the world** (`python -m benchmarks.science.build_models --rebuild --world_seeds 0 1 2 3`):",
         "",
-        f"Mean over seeds {seeds} [min-max]:",
-        "",
-        "| run | step | new sharp | new modes (per seed) | old sharp |",
-        "|---|---|---|---|---|",
-        f"| turbo, before fine-tuning | 0 | {turbo_figures['new_sharp']:.3f} | {turbo_figures['new_modes']} | "
-        f"{turbo_figures['old_sharp']:.3f} |",
+        "| world seed | base 32 / 4 steps | turbo 4 steps | \"[V]\" text only | teacher precision / coverage | "
+        "SFT's old gap vs the turbo's | all gates |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for method in METHODS:
-        for step in steps:
-            figures = at_step(results, method, step)
-            new, old = format_range([f["new_sharp"] for f in figures]), format_range([f["old_sharp"] for f in figures])
-            modes = " ".join(str(f["new_modes"]) for f in figures)
-            lines.append(f"| {method.name} | {step} | {new} | {modes} | {old} |")
+    for world_seed, record in gates.items():
+        f = record["figures"]
+        lines.append(
+            f"| {world_seed} | {f['base_named_32']:.3f} / {f['base_named_4']:.3f} | {f['turbo_named_4']:.3f} | "
+            f"{f['turbo_new_text_4']:.3f} | {f['teacher_precision_4']:.3f} / {f['teacher_coverage_4']:.3f} | "
+            f"{f['sft_old_gap']:+.3f} vs {f['turbo_old_gap']:+.3f} | "
+            f"{'pass' if all(record['passed'].values()) else 'FAIL: ' + ', '.join(k for k, v in record['passed'].items() if not v)} |")
     lines += [
         "",
-        f"Per seed at step {steps[0]} (new sharp / modes / old sharp):",
+        f"The comparison runs on world {SHIPPED_WORLD_SEED}. Turbo before fine-tuning: \"[V]\" precision "
+        f"{turbo_figures['new_precision_4']:.3f}, old {turbo_figures['old_precision_4']:.3f} at 4 steps, "
+        f"{turbo_figures['old_precision_32']:.3f} at 32 (gap {turbo_figures['old_gap']:+.3f}).",
         "",
-        "| seed | training samples cover modes | SFT | D-OPSD, EMA 0.99 |",
+        f"**Learning rates** (rule: the highest mean retention at matched learning, new-concept precision "
+        f"{MATCHED_PRECISION}, over held-out seeds {', '.join(map(str, SWEEP_SEEDS))}; 0 for a run that never gets "
+        "there):",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in LEARNING_RATES) + " | selected |",
+        "|---|" + "---|" * (len(LEARNING_RATES) + 1),
+    ]
+    for kind, name in (("sft", "SFT"), ("dopsd", f"D-OPSD, EMA {DOPSD_EMA}")):
+        cells = [f"{sweep_scores[f'{kind} {lr:g}']['mean_retention_at_matched']:.3f} "
+                 f"({sweep_scores[f'{kind} {lr:g}']['seeds_reaching_matched']}/{len(SWEEP_SEEDS)})"
+                 for lr in LEARNING_RATES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {selected[kind]:g} |")
+    lines += [
+        "",
+        f"**At matched learning** (new precision {MATCHED_PRECISION}), mean [95 % t interval] over the seeds "
+        f"{EVAL_SEEDS[0]}-{EVAL_SEEDS[-1]} on which the arm gets there; {len(full)} seeds' samples cover all 4 modes, "
+        f"{len(partial)} miss one or more:",
+        "",
+        "| arm (lr) | seeds matched | old precision, 4 steps | old gap (32 − 4) | new coverage |",
+        "|---|---|---|---|---|",
+    ]
+    for label, _, kind in ARMS:
+        matched = len(matched_values(label, "old_precision_4", all_seeds))
+        lines.append(f"| {label} ({selected[kind]:g}) | {matched}/{len(all_seeds)} | "
+                     f"{fmt_ci(matched_values(label, 'old_precision_4', all_seeds))} | "
+                     f"{fmt_ci(matched_values(label, 'old_gap', all_seeds), signed=True)} | "
+                     f"{fmt_ci(matched_values(label, 'new_coverage_4', all_seeds))} |")
+    lines += [
+        "",
+        f"**Paired differences at matched learning** (arm − SFT, and on-policy − off-policy), per split:",
+        "",
+        "| difference | all seeds | samples cover all modes | samples miss a mode |",
         "|---|---|---|---|",
     ]
-    for result in results:
-        cells = [" / ".join([f"{f['new_sharp']:.3f}", str(f["new_modes"]), f"{f['old_sharp']:.3f}"])
-                 for f in (at_step([result], m, steps[0])[0] for m in (SFT, DOPSD))]
-        lines.append(f"| {result.seed} | {', '.join(map(str, result.covered))} | {cells[0]} | {cells[1]} |")
+    comparisons = [(label, "SFT") for label, _, _ in ARMS[1:]] + [(main, ARMS[4][0])]
+    for a, b in comparisons:
+        for key, what in (("old_precision_4", "old precision"), ("old_gap", "old gap")):
+            cells = []
+            for seeds in (all_seeds, full, partial):
+                d = paired(summary, a, b, seeds, key)
+                cells.append(f"{fmt_ci(d, signed=True)} (n={len(d)}, {sum(x > 0 for x in d)} > 0)" if d else "–")
+            lines.append(f"| {what}: {a} − {b} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Old-concept sharpness per named concept at step {steps[0]}, mean over seeds (the damage is uneven, which is "
-        "why *old* averages all eight):",
+        f"**At the last step ({STEPS})**, mean [95 % t interval] over all 12 seeds:",
         "",
-        "| run | " + " | ".join(str(k) for k in range(len(NAMED_WORDS))) + " |",
-        "|---|" + "---|" * len(NAMED_WORDS),
-        "| turbo, before | " + " | ".join(f"{turbo_figures[w]:.2f}" for w in NAMED_WORDS) + " |",
+        "| arm | new precision, 4 steps | new coverage | old precision, 4 steps | old gap |",
+        "|---|---|---|---|---|",
     ]
-    for method in METHODS[:-1]:
-        figures = at_step(results, method, steps[0])
-        lines.append(f"| {method.name} | " + " | ".join(f"{mean(f[w] for f in figures):.2f}" for w in NAMED_WORDS) + " |")
-    lines += ["", "Claims of the issue, checked on these figures:", ""]
-    lines += [f"- **{'pass' if passed else 'FAIL'}**: {statement}" for passed, statement in claims]
+    for label, _, _ in ARMS:
+        lines.append(f"| {label} | {fmt_ci(final_values(label, 'new_precision_4', all_seeds))} | "
+                     f"{fmt_ci(final_values(label, 'new_coverage_4', all_seeds))} | "
+                     f"{fmt_ci(final_values(label, 'old_precision_4', all_seeds))} | "
+                     f"{fmt_ci(final_values(label, 'old_gap', all_seeds), signed=True)} |")
+    lines += reading(summary, full, partial)
     lines += [
         "",
-        "Why the documented retention figures are not reached (a separate investigation, same seeds, 100 steps): the "
-        "protocol is not the cause. One reference per row, one per batch or a fixed set; x0- vs v-space loss; an "
-        "8-point rollout grid; AdamW betas (0.9, 0.99), eps 1e-6 or weight decay 0.01 each move D-OPSD's 8-concept "
-        "*old* by at most 0.04 (0.62-0.68), never to 0.70. D-OPSD's damage is nearly the same on every seed (concepts "
-        "0 / 1 at about 0.30 / 0.49), so it comes from the world (word vectors and checkpoints), not the run. The shipped "
-        "checkpoints are not the documented ones: their teacher gate is 0.615 where the notes report 0.658, which is why "
-        "D-OPSD learns the concept less (0.79-0.84 vs 0.85-0.88); a rebuild with training seed 1 (teacher 0.650) gives "
-        "D-OPSD new 0.88-0.91 and SFT old 0.34-0.55, as documented, but D-OPSD old still 0.61-0.63 (seed 2: teacher 0.444, D-OPSD new 0.68-0.70, old 0.75). The notes average "
-        "three named concepts without naming them: for 18 of the 56 triples D-OPSD here is >= 0.70 on every seed, but "
-        "no triple also keeps SFT <= 0.55 on seed 41, so no choice of three reproduces both documented ranges.",
+        f"**Paired differences at the last step ({STEPS})**, arm − SFT over all 12 seeds (where both learn the concept "
+        "about equally, first row):",
+        "",
+        "| arm − SFT | new precision | new coverage | old precision, 4 steps | old gap |",
+        "|---|---|---|---|---|",
     ]
-    lines += ["", "Samples: `benchmarks/science/samples.png`.", SECTION_END]
+    for a in [label for label, _, _ in ARMS[1:]]:
+        cells = []
+        for key in ("new_precision_4", "new_coverage_4", "old_precision_4", "old_gap"):
+            d = [summary[a][s]["final"][key] - summary["SFT"][s]["final"][key] for s in all_seeds]
+            cells.append(f"{fmt_ci(d, signed=True)} ({sum(x > 0 for x in d)}/12 > 0)")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    d = [summary[main][s]["final"]["old_precision_4"] - summary[ARMS[4][0]][s]["final"]["old_precision_4"]
+         for s in all_seeds]
+    lines += ["", f"On-policy − off-policy (EMA 0.999) old precision at step {STEPS}: {fmt_ci(d, signed=True)} "
+              f"({sum(x > 0 for x in d)}/12 > 0).",
+              "", "Curves: `benchmarks/science/frontiers.png`; samples: `benchmarks/science/samples.png`.", SECTION_END]
     return "\n".join(lines) + "\n"
+
+
+def reading(summary, full: list[int], partial: list[int]) -> list[str]:
+    """What the tables say, in sentences, with the figures computed from them (including where D-OPSD does not win)."""
+    seeds = list(EVAL_SEEDS)
+    main, off = ARMS[1][0], ARMS[4][0]
+
+    def final(label, key):
+        return [summary[label][s]["final"][key] for s in seeds]
+
+    def final_diff(a, b, key):
+        return [x - y for x, y in zip(final(a, key), final(b, key))]
+
+    def count(d):
+        return f"{sum(x > 0 for x in d)}/{len(d)} seeds"
+
+    matched = paired(summary, main, "SFT", seeds, "old_precision_4")
+    matched_full = paired(summary, main, "SFT", full, "old_precision_4")
+    matched_partial = paired(summary, main, "SFT", partial, "old_precision_4")
+    old_final = final_diff(main, "SFT", "old_precision_4")
+    return [
+        "",
+        "**Reading.**",
+        "",
+        f"- *At matched learning, read as planned* (the first point where the new concept's precision reaches "
+        f"{MATCHED_PRECISION}): D-OPSD (EMA {DOPSD_EMA}) keeps {fmt_ci(matched, signed=True)} more old-concept "
+        f"precision than SFT, ahead on {count(matched)}: **no significant win.** Where the 8 samples cover all modes "
+        f"{fmt_ci(matched_full, signed=True)} ({count(matched_full)}); where they miss one "
+        f"{fmt_ci(matched_partial, signed=True)} ({count(matched_partial)}). At that point (10-35 steps in) both "
+        "methods have just lost most of the old concepts.",
+        f"- *At step {STEPS}*, where both have learnt the concept equally (new precision D-OPSD − SFT "
+        f"{fmt_ci(final_diff(main, 'SFT', 'new_precision_4'), signed=True)}), D-OPSD keeps more old-concept precision, "
+        f"{fmt_ci(old_final, signed=True)} ({count(old_final)}), draws the concept's modes more evenly (coverage "
+        f"{fmt_ci(final_diff(main, 'SFT', 'new_coverage_4'), signed=True)}: SFT copies the uneven spread of its 8 "
+        "samples), and stays more of a few-step model (old gap "
+        f"{fmt_ci(final_diff(main, 'SFT', 'old_gap'), signed=True)}). This reading was chosen after the curves were "
+        "seen (D-OPSD's retention dips early and recovers, SFT's does not); the planned one is above.",
+        "- *Nobody keeps the old concepts* in this world: from the turbo's 0.83, old precision at step "
+        f"{STEPS} is " + ", ".join(f"{statistics.mean(final(label, 'old_precision_4')):.2f} ({label})"
+                                   for label, _, _ in ARMS) + ". D-OPSD's win is less forgetting, not none.",
+        f"- *D-OPSD cannot learn past its teacher*: its best new precision is "
+        f"{fmt_ci([summary[main][s]['best_new_precision_4'] for s in seeds])} (the teacher gate is about 0.77), "
+        f"SFT's {fmt_ci([summary['SFT'][s]['best_new_precision_4'] for s in seeds])}.",
+        f"- *The few-step loss under SFT* is the loss of the turbo's few-step advantage (old gap from -0.18 to "
+        f"{fmt_ci(final('SFT', 'old_gap'), signed=True)}), not a model that is now better at 32 steps: SFT's 4- and "
+        "32-step precision fall together. This world shows forgetting more than de-distillation.",
+        f"- *EMA 0.99 collapses*: its new precision at step {STEPS} is {fmt_ci(final(ARMS[2][0], 'new_precision_4'))} "
+        f"(the teacher follows the student down); 0.999 and a frozen teacher are indistinguishable here "
+        f"(old precision {fmt_ci(final_diff(main, ARMS[3][0], 'old_precision_4'), signed=True)}).",
+        f"- *On-policy retains no more than off-policy*: on-policy − off-policy old precision at step {STEPS} "
+        f"{fmt_ci(final_diff(main, off, 'old_precision_4'), signed=True)}; on-policy learns a little more (new "
+        f"precision {fmt_ci(final_diff(main, off, 'new_precision_4'), signed=True)}). The paper's ablation (off-policy "
+        "clearly worse) is not reproduced.",
+        "- *Caveats*: D-OPSD's selected rate is the top of the grid and its sweep scores are flat within noise; "
+        "the world gate 'concept_unknown' was loosened from <= 0.05 to <= 0.15 after worlds 1 and 2 measured 0.081 and "
+        "0.059 (with 0.05, 2 of 4 worlds pass); full fine-tuning instead of a LoRA lost every old concept (precision "
+        "about 0.05) within 50 steps for every method and rate tried, which is why the check uses a LoRA.",
+    ]
 
 
 def write_section(path: Path, section: str):
@@ -301,73 +355,122 @@ def write_section(path: Path, section: str):
     path.write_text(text)
 
 
-def plot_samples(result: SeedResult, turbo: VelocityMLP, step: int, path: Path):
-    """Columns turbo / SFT / D-OPSD; top row the new concept (training samples as crosses), bottom row the old ones."""
+def plot_frontiers(curves, selected, path: Path):
+    """Learning (new precision) against retention (old precision, old gap) and coverage, mean over seeds per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = [("turbo, before", turbo)] + [
-        (f"{m.name}, step {step}", next(c.model for c in result.runs[m.name] if c.step == step)) for m in (SFT, DOPSD)
-    ]
-    concepts = [[NEW_WORD], list(PLOTTED_OLD_WORDS)]
-    colours = dict(zip((NEW_WORD, *PLOTTED_OLD_WORDS), ("tab:red", "tab:blue", "tab:green", "tab:purple")))
-    figure, axes = plt.subplots(2, 3, figsize=(12, 8.4), constrained_layout=True)
+    panels = (("old_precision_4", "old concepts' precision, 4 steps (retention)"),
+              ("old_gap", "old concepts' gap: precision at 32 − at 4 steps"),
+              ("new_coverage_4", "new concept's mode coverage, 4 steps"))
+    figure, axes = plt.subplots(1, 3, figsize=(16, 5.2), constrained_layout=True)
+    for ax, (key, title) in zip(axes, panels):
+        for label, _, kind in ARMS:
+            by_seed = curves[label].values()
+            xs = [statistics.mean(c[s]["new_precision_4"] for c in by_seed) for s in EVAL_STEPS]
+            ys = [statistics.mean(c[s][key] for c in by_seed) for s in EVAL_STEPS]
+            ax.plot(xs, ys, "-o", ms=3, color=COLOURS[label], label=f"{label} (lr {selected[kind]:g})")
+            ax.annotate(f"{STEPS}", (xs[-1], ys[-1]), fontsize=7, color=COLOURS[label])
+        ax.axvline(MATCHED_PRECISION, color="grey", ls=":", lw=1)
+        ax.set_xlabel("new concept's precision, 4 steps (learning)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"Mean over {len(EVAL_SEEDS)} seeds at steps {', '.join(map(str, EVAL_STEPS))} (dotted: matched "
+                    f"learning, {MATCHED_PRECISION})", fontsize=11)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def plot_samples(turbo, family, selected, seed: int, step: int, path: Path):
+    """Columns turbo / SFT / D-OPSD / off-policy at `step`; top row the new concept, bottom row the old ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples, covered = concept_samples(seed)
+    columns = [("turbo, before", turbo)]
+    for label, method, kind in (ARMS[0], ARMS[1], ARMS[4]):
+        _, models, _ = finetune(turbo, family, method, samples, step, seed, selected[kind], eval_steps=(step,),
+                                keep_models=True)
+        columns.append((f"{label}, step {step}", models[step]))
+    colours = dict(zip((NEW_WORD, *NAMED_WORDS), ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")))
+    figure, axes = plt.subplots(2, len(columns), figsize=(4 * len(columns), 8.4), constrained_layout=True)
     for col, (title, model) in enumerate(columns):
-        for row, words in enumerate(concepts):
+        for row, words in enumerate(([NEW_WORD], list(NAMED_WORDS))):
             ax = axes[row, col]
             for word in words:
-                points = generate(model, word, num_samples=600)
+                points = generate(model, family, word, FEW_STEPS, num_samples=500)
                 ax.scatter(points[:, 0], points[:, 1], s=3, alpha=0.4, color=colours[word], label=word)
                 for centre in mode_centres(phase_of(word)):
-                    ax.add_patch(plt.Circle(centre.tolist(), SHARP_RADIUS, fill=False, color=colours[word], lw=1))
+                    ax.add_patch(plt.Circle(centre.tolist(), PRECISE_RADIUS, fill=False, color=colours[word], lw=1))
             if row == 0:
-                ax.scatter(result.samples[:, 0], result.samples[:, 1], marker="x", s=60, color="black",
-                           label="training samples")
-            ax.set_xlim(-3, 3)
-            ax.set_ylim(-3, 3)
+                ax.scatter(samples[:, 0], samples[:, 1], marker="x", s=60, color="black", label="training samples")
+            ax.set_xlim(-2.8, 2.8)
+            ax.set_ylim(-2.8, 2.8)
             ax.set_aspect("equal")
-            subject = 'new concept "[V]"' if row == 0 else "three old concepts (text only)"
-            ax.set_title(f"{title}\n{subject}", fontsize=10)
+            ax.set_title(f"{title}\n{'new concept [V]' if row == 0 else 'the 4 old concepts (text only)'}", fontsize=10)
             if col == 0:
-                legend = ax.legend(loc="lower left", fontsize=8)
+                legend = ax.legend(loc="lower left", fontsize=7)
                 for handle in legend.legend_handles:
                     handle.set_sizes([30])
                     handle.set_alpha(1)
-    figure.suptitle(f"4-step samples, seed {result.seed} (training samples cover modes {result.covered}); circles: "
-                    f"{SHARP_RADIUS / MODE_STD:.0f} std around each true mode", fontsize=11)
-    figure.savefig(path, dpi=80)
+    figure.suptitle(f"4-step samples, seed {seed} (training samples cover modes {covered}); circles: 2 std around each "
+                    "true mode", fontsize=11)
+    figure.savefig(path, dpi=70)
     plt.close(figure)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
-                        help="training seeds (each draws its own 8 concept samples); at least 3 for the table")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps (figures every {EVAL_EVERY})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown file whose science section is rewritten")
-    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="scatter plot of the samples of the first seed")
+    parser.add_argument("--from_results", action="store_true",
+                        help="rewrite the section and plots from results.json instead of rerunning (seconds)")
     args = parser.parse_args()
     # The matmuls here are tiny: on a shared 2-core machine a second thread makes them tens of times slower, not faster.
     torch.set_num_threads(1)
-
     start = time.perf_counter()
-    turbo = load_model(TURBO_PATH)
-    turbo_figures = evaluate(turbo)
-    results = [run_seed(turbo, seed, args.steps) for seed in args.seeds]
-    steps = [c.step for c in results[0].runs[SFT.name]]
-    claims = check_claims(results, turbo_figures, steps[0], steps[-1])
-    seconds = time.perf_counter() - start
+    family = ToyFamily(SHIPPED_WORLD_SEED)
+    turbo = load_model(world_dir(SHIPPED_WORLD_SEED) / "turbo.safetensors")
+    # The gates as build_models defines them now, on the figures recorded when each world was built.
+    gates = {}
+    for path in sorted(world_dir(0).parent.glob("world_*/gates.json")):
+        figures = json.loads(path.read_text())["figures"]
+        gates[int(path.parent.name.split("_")[1])] = {"figures": figures, "passed": check_gates(figures)}
 
-    command = "python -m benchmarks.science.run_science" + (
-        "" if args.seeds == list(DEFAULT_SEEDS) else " --seeds " + " ".join(map(str, args.seeds))
-    ) + ("" if args.steps == DEFAULT_STEPS else f" --steps {args.steps}")
-    write_section(args.out, markdown_section(results, turbo_figures, claims, command, seconds, steps))
-    plot_samples(results[0], turbo, steps[0], args.plot)
-    for passed, statement in claims:
-        print(f"[{'pass' if passed else 'FAIL'}] {statement}")
-    print(f"wrote {args.out} and {args.plot} in {seconds:.0f} s")
+    if args.from_results:
+        results = json.loads((HERE / "results.json").read_text())
+        selected, sweep_scores, seconds = results["selected_learning_rates"], results["sweep"], results["seconds"]
+        curves = {label: {int(seed): {int(step): f for step, f in c.items()} for seed, c in by_seed.items()}
+                  for label, by_seed in results["curves"].items()}
+    else:
+        selected, sweep_scores = sweep(turbo, family)
+        curves = {}
+        for label, method, kind in ARMS:
+            curves[label] = {}
+            for seed in EVAL_SEEDS:
+                curves[label][seed] = run_arm(turbo, family, method, seed, selected[kind])
+            print(f"{label}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+        seconds = time.perf_counter() - start
+        (HERE / "results.json").write_text(json.dumps({
+            "selected_learning_rates": selected, "sweep": sweep_scores, "matched_precision": MATCHED_PRECISION,
+            "seconds": round(seconds),
+            "curves": {label: {seed: {step: {k: round(v, 4) for k, v in f.items()} for step, f in c.items()}
+                               for seed, c in by_seed.items()} for label, by_seed in curves.items()},
+            "covers_all_modes": {seed: covers_all_modes(seed) for seed in EVAL_SEEDS},
+        }, indent=1) + "\n")
+    summary = summarise(curves, list(EVAL_SEEDS))
+    turbo_figures = curves["SFT"][EVAL_SEEDS[0]][0]
+    section = markdown_section(turbo_figures, gates, selected, sweep_scores, summary,
+                               "python -m benchmarks.science.run_science", seconds)
+    write_section(args.out, section)
+    plot_frontiers(curves, selected, HERE / "frontiers.png")
+    plot_samples(turbo, family, selected, EVAL_SEEDS[0], 50, HERE / "samples.png")
+    print(section)
+    print(f"wrote {args.out}, frontiers.png, samples.png, results.json in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
