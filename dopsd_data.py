@@ -145,8 +145,13 @@ def _read_caption(root: Path, path: Path) -> str:
                     "write a caption or delete the file to use --instance_prompt")
 
 
+def _names(value: str | None) -> list[str]:
+    """The names of a comma-separated column flag (--caption_column, --source_image_column)."""
+    return [name.strip() for name in (value or "").split(",") if name.strip()]
+
+
 def _caption_columns(args) -> list[str] | None:
-    return [c.strip() for c in args.caption_column.split(",") if c.strip()] if args.caption_column else None
+    return _names(args.caption_column) or None
 
 
 def _row_captions(row: dict, columns, where: str) -> tuple[list[str], list[str]]:
@@ -337,15 +342,11 @@ def _dataset_examples(args, columns):
     missing = [c for c in columns if c not in names]
     if missing:
         raise UserError(f"--caption_column {','.join(missing)} not in {args.dataset_name} (columns: {', '.join(names)}).")
-    sources = _source_columns(args) if _task(args) == "edit" else []
+    sources = _names(args.source_image_column) if _task(args) == "edit" else []
     if missing := [c for c in sources if c not in names]:
         raise UserError(f"--source_image_column {','.join(missing)} not in {args.dataset_name} (columns: {', '.join(names)}): "
                         "name the column(s) holding the images to edit.")
     return _dataset_rows(args, dataset, columns, sources)
-
-
-def _source_columns(args) -> list[str]:
-    return [c.strip() for c in args.source_image_column.split(",") if c.strip()]
 
 
 def _dataset_rows(args, dataset, columns, source_columns=()):
@@ -482,6 +483,12 @@ def image_tensor(image: Image.Image) -> torch.Tensor:
     return array[None]
 
 
+def _source_part(example: Example) -> list[str]:
+    """What an example's sources add to its cache keys: nothing without sources, so text-to-image entries keep the keys
+    they had before edits existed and earlier caches stay valid."""
+    return [example.source_digest] if example.source_digest else []
+
+
 class ConditionCache:
     """Student and teacher conditions (and SFT target latents) for every (example, caption), computed once.
 
@@ -595,22 +602,20 @@ class ConditionCache:
         examples, one caption each. An edit's conditions are keyed by its sources too: one instruction given with two
         sources is two conditions."""
         todo = []
-        # (An entry for no sources keeps the key it had before edits existed, so earlier caches stay valid.)
-        sources = lambda example: [example.source_digest] if example.source_digest else []  # noqa: E731
         for example in [*examples, *rows]:
             for prompt in example.captions:
-                key = self.keys[("student", prompt, example.source_digest)] = self._key("student", prompt, *sources(example))
+                key = self.keys[("student", prompt, example.source_digest)] = self._key("student", prompt, *_source_part(example))
                 todo.append(("student", key, prompt, example))
         for i, example in enumerate(examples):
             if method == "dopsd":
                 for caption in example.captions:
-                    key = self.keys[("teacher", i, caption)] = self._key("teacher", caption, example.digest, *sources(example))
+                    key = self.keys[("teacher", i, caption)] = self._key("teacher", caption, example.digest, *_source_part(example))
                     todo.append(("teacher", key, caption, example))
             else:
                 key = self.keys[("latents", i)] = self._key("latents", example.digest)
                 todo.append(("latents", key, None, example))
         for i, row in enumerate(rows if method == "dopsd" else ()):
-            key = self.keys[("teacher-row", i)] = self._key("teacher", row.captions[0], row.digest, *sources(row))
+            key = self.keys[("teacher-row", i)] = self._key("teacher", row.captions[0], row.digest, *_source_part(row))
             todo.append(("teacher", key, row.captions[0], row))
         # An entry shared by two uses is computed once; the order is the same on every rank, which splits the work by it.
         return sorted({entry[1]: entry for entry in todo}.values(), key=lambda entry: entry[1])

@@ -150,25 +150,29 @@ def read_eval_file(path: str) -> list[EvalPrompt]:
             raise UserError(f'{where}: "concept_mode" must be "object" or "style", got {mode!r}.')
         item = EvalPrompt(row["prompt"], row.get("class_name"), token, mode)
         if row.get("reference_image"):
-            reference = eval_file.parent / row["reference_image"]
-            if not reference.is_file():
-                raise UserError(f"{where}: reference image {reference} does not exist: fix the path (relative to the eval file) or drop the key.")
-            item.reference_path, item.reference = str(reference), open_image(reference, str(reference))
+            item.reference_path, item.reference = _eval_image(eval_file, row["reference_image"], where, "reference image",
+                                                              " or drop the key")
         if row.get("source_image") is not None:
             names = [row["source_image"]] if isinstance(row["source_image"], str) else row["source_image"]
             if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
                 raise UserError(f'{where}: "source_image" must be a path or a list of paths (relative to the eval file), '
                                 f"got {row['source_image']!r}.")
             for name in names:
-                source = eval_file.parent / name
-                if not source.is_file():
-                    raise UserError(f"{where}: source image {source} does not exist: fix the path (relative to the eval file).")
-                item.source_paths.append(str(source))
-                item.sources.append(open_image(source, str(source)))
+                path, image = _eval_image(eval_file, name, where, "source image")
+                item.source_paths.append(path)
+                item.sources.append(image)
         prompts.append(item)
     if not prompts:
         raise UserError(f"--eval_file {path} has no prompts: add lines like {{\"prompt\": \"a photo of [V] dog\"}}.")
     return prompts
+
+
+def _eval_image(eval_file: Path, name: str, where: str, what: str, alternative: str = "") -> tuple[str, Image.Image]:
+    """(path, image) of an image an eval row names relative to the eval file."""
+    path = eval_file.parent / name
+    if not path.is_file():
+        raise UserError(f"{where}: {what} {path} does not exist: fix the path (relative to the eval file){alternative}.")
+    return str(path), open_image(path, str(path))
 
 
 @dataclass

@@ -65,7 +65,7 @@ def with_lora(turbo: VelocityMLP, seed: int) -> VelocityMLP:
 
 def finetune(turbo: VelocityMLP, family: ToyFamily, method: Method, samples: torch.Tensor, steps: int, seed: int,
              learning_rate: float, eval_steps=(), keep_models: bool = False):
-    """Full fine-tuning of a copy of the turbo by `method`.
+    """LoRA fine-tuning of a copy of the turbo by `method`.
 
     Returns (figures per evaluated step, {step: model copy} when `keep_models`, per-step mean losses); step 0 is the
     turbo itself when listed in `eval_steps`."""
