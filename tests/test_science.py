@@ -175,6 +175,24 @@ def test_runs_are_deterministic(turbo, family):
         assert torch.equal(weight, second[1][3].state_dict()[name]), name
 
 
+def test_the_teacher_reads_all_the_training_samples_as_one_set(turbo, family):
+    """The teacher's context summarises the whole reference set: every row gets all 8 samples, and the feature is the
+    mean of what each point says (a teacher that reads one point would see a noisy phase and miss the concept)."""
+    samples, _ = concept_samples(HEADLINE_SEED)
+    with mock.patch.object(ToyFamily, "encode_teacher", autospec=True, side_effect=ToyFamily.encode_teacher) as spy:
+        finetune(turbo, family, DOPSD, samples, steps=1, seed=0, learning_rate=1e-3)
+    (_, prompts, images), _ = spy.call_args
+    assert set(prompts) == {NEW_WORD} and len(images) == science_finetune.BATCH
+    assert all(torch.equal(torch.as_tensor(i), samples) for i in images)
+
+    angle = 4 * torch.atan2(samples[:, 1], samples[:, 0])
+    expected = torch.stack([angle.cos().mean(), angle.sin().mean()])
+    context = family.encode_teacher([NEW_WORD], [samples])[0]["context"]
+    assert torch.allclose(context[-3:-1], expected, atol=1e-6) and context[-1] == 1
+    single = family.encode_teacher([NEW_WORD], [samples[:1]])[0]["context"]
+    assert not torch.allclose(single[-3:-1], expected, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The metrics
 
@@ -200,6 +218,21 @@ def test_matched_learning_interpolates_the_first_crossing():
              20: {"new_precision_4": 0.8, "x": 0.4}, 30: {"new_precision_4": 0.5, "x": 0.0}}
     assert run_science.at_matched_learning(curve, "x") == pytest.approx(0.6)  # halfway from step 10 to 20
     assert run_science.at_matched_learning({0: curve[0], 10: curve[10]}, "x") is None
+
+
+def test_the_frontier_envelope_is_the_best_retention_at_or_above_a_learning_level():
+    curve = {0: {"new_precision_4": 0.0, "old_precision_4": 0.9}, 10: {"new_precision_4": 0.7, "old_precision_4": 0.6},
+             20: {"new_precision_4": 0.65, "old_precision_4": 0.8}, 30: {"new_precision_4": 0.75, "old_precision_4": 0.5}}
+    assert run_science.best_at_learning(curve, 0.7) == 0.6  # step 20 retains more but has not learnt enough
+    assert run_science.best_at_learning(curve, 0.6) == 0.8
+    assert run_science.best_at_learning(curve, 0.8) is None
+
+
+def test_verdicts_follow_the_interval_not_the_mean():
+    assert run_science.verdict([0.10, 0.12, 0.11, 0.09], "up", "down") == "up"
+    assert run_science.verdict([-0.10, -0.12, -0.11, -0.09], "up", "down") == "down"
+    assert run_science.verdict([0.30, -0.20, 0.25, -0.15], "up", "down") == "no significant difference"  # mean > 0
+    assert run_science.verdict([0.5], "up", "down").startswith("no significant difference")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

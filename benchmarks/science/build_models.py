@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.science.finetune import SFT, concept_samples, finetune
 from benchmarks.science.toy_world import (
-    FEW_STEPS, MANY_STEPS, NAMED_PHASES, NAMED_WORDS, NEW_CONCEPT_PHASE, NEW_WORD, NUM_MODES, PERFECT_PRECISION,
+    FEW_STEPS, MANY_STEPS, NAMED_PHASES, NEW_CONCEPT_PHASE, NEW_WORD, PERFECT_PRECISION,
     SHIPPED_WORLD_SEED, WORD_DIM, ToyFamily, VelocityMLP, contexts, coverage, evaluate, generate, load_model,
     old_precision, precision, reference_feature, sample_concept, save_model, world_dir,
 )
@@ -148,7 +148,7 @@ def mean_named_precision(model, family, steps) -> float:
 
 
 def measure(base, turbo, family: ToyFamily) -> dict[str, float]:
-    """The figures the gates read (mean over the 8 named concepts where a word is named)."""
+    """The figures the gates read (means over the named concepts where a word is named)."""
     figures = {
         "base_named_32": mean_named_precision(base, family, MANY_STEPS),
         "base_named_4": mean_named_precision(base, family, FEW_STEPS),

@@ -3,14 +3,14 @@
 rebuilt for issue #19).
 
 A *concept* is a ring of four tight Gaussian modes of radius RING_RADIUS at angles phase + j * pi/2; the concept is its
-phase. Eight named concepts have their own word vectors and "[V]" is one more word, never seen before fine-tuning. A
+phase. Four named concepts have their own word vectors and "[V]" is one more word, never seen before fine-tuning. A
 condition is [word vector, reference feature, reference flag]: the student sees the word alone (text only); the
 teacher also sees a *set* of reference samples of the concept, which a fixed "encoder" turns into one feature the way a
 VLM would describe images: it keeps the concept's phase, averages out the samples' noise, and drops which mode each
 sample came from.
 
 Why these choices (each one fixes a failure of the previous world, issue #19):
-- Modes are tight (MODE_STD 0.05) and neighbouring named concepts sit about 4 std away from the new one, so a sample
+- Modes are tight (MODE_STD 0.08) and neighbouring named concepts sit about 5 std away from the new one, so a sample
   counts as *precise* (within 2 std of one of the concept's own modes) only if it is the concept, not a neighbour.
 - The base learns in-context drawing with a fresh random word vector per reference example, so any unseen word plus a
   reference draws the reference's concept, whatever the draw of the word vectors (the world seed).
@@ -35,7 +35,7 @@ RING_RADIUS = 2.0
 MODE_STD = 0.08
 NUM_MODES = 4
 # A sample is *precise* when it lies within 2 std of one of its concept's own modes: a perfect sampler scores
-# 1 - exp(-2) = 0.865, and samples of the new concept's neighbours (about 4 std away) almost never count.
+# 1 - exp(-2) = 0.865, and samples of the new concept's neighbours (about 5 std away) almost never count.
 PRECISE_RADIUS = 2 * MODE_STD
 PERFECT_PRECISION = 1 - math.exp(-(PRECISE_RADIUS / MODE_STD) ** 2 / 2)
 # A mode counts as drawn when it receives at least this fraction of its fair share of the precise samples.
@@ -58,7 +58,7 @@ FEW_STEPS = 4
 MANY_STEPS = 32
 EVAL_SEED = 1234
 NEW_EVAL_SAMPLES = 1000  # samples of the new concept per evaluation
-OLD_EVAL_SAMPLES = 250  # samples of each of the 8 named concepts per evaluation
+OLD_EVAL_SAMPLES = 250  # samples of each named concept per evaluation
 
 
 def word_vectors(world_seed: int) -> torch.Tensor:
@@ -244,7 +244,7 @@ def old_precision(model, family: ToyFamily, steps: int) -> dict[str, float]:
 def evaluate(model, family: ToyFamily) -> dict[str, float]:
     """The figures of the science check, at 4 steps (the turbo's use) and 32 steps, fixed noise.
 
-    *old* is the mean over all eight named concepts, not a chosen few: fine-tuning damages some concepts more than
+    *old* is the mean over all the named concepts, not a chosen few: fine-tuning damages some concepts more than
     others. *gap* = 32-step minus 4-step precision: how much the model has become one that needs many steps."""
     figures = {}
     for steps in (FEW_STEPS, MANY_STEPS):
