@@ -609,7 +609,8 @@ def main():
     plot_frontiers(curves, selected, HERE / "frontiers.png")
     plot_samples(turbo, family, selected, EVAL_SEEDS[0], 50, HERE / "samples.png")
     print(section)
-    print(f"wrote {args.out}, frontiers.png, samples.png, results.json in {time.perf_counter() - start:.0f} s")
+    written = "frontiers.png, samples.png" + ("" if args.from_results else ", results.json")
+    print(f"wrote {args.out}, {written} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
