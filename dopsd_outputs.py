@@ -263,9 +263,10 @@ def trigger_words(examples: list[Example], instance_prompt: str | None) -> list[
 
 
 def write_model_card(args, family: type[ModelFamily], output_dir: Path, samples: list[tuple[str, Image.Image]],
-                     triggers: list[str], kind: str):
+                     triggers: list[str], kind: str, training_caption: str | None = None):
     """README.md in diffusers' model-card format: trigger words, step count, stock and custom-pipeline snippets,
-    sample images as the widget, tags, the distilled base model and its licence."""
+    sample images as the widget, tags, the distilled base model and its licence. The snippets' prompt is the first
+    sample's, else `training_caption` (one the model was trained on)."""
     from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -275,7 +276,7 @@ def write_model_card(args, family: type[ModelFamily], output_dir: Path, samples:
     for i, (prompt, image) in enumerate(samples):
         image.save(output_dir / f"image_{i}.png")
         widget.append({"text": prompt, "output": {"url": f"image_{i}.png"}})
-    example_prompt = samples[0][0] if samples else (args.instance_prompt or "a photo")
+    example_prompt = samples[0][0] if samples else (training_caption or args.instance_prompt or "a photo")
     imports, inputs = family.usage(example_prompt)
     guidance = ", guidance_scale=0.0" if stock == "ZImagePipeline" else ""
     if kind == "lora":

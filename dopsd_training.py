@@ -403,7 +403,8 @@ def train(args, family_cls, adaptation_cls):
     if accelerator.is_main_process:
         if not args.skip_final_validation:
             samples = validate(run, step)
-        write_model_card(args, family_cls, output_dir, samples, trigger_words(run.examples, args.instance_prompt), adaptation.kind)
+        write_model_card(args, family_cls, output_dir, samples, trigger_words(run.examples, args.instance_prompt),
+                         adaptation.kind, training_caption=run.examples[0].captions[0] if run.examples else None)
         if args.push_to_hub:
             push_to_hub(args, output_dir)
     accelerator.end_training()

@@ -237,3 +237,25 @@ def test_sft_edit_baseline_regresses_the_target_under_the_editing_context(tiny_m
     ])
     assert (out / "pytorch_lora_weights.safetensors").exists()
     assert json.loads((out / "args.json").read_text())["task"] == "edit"
+
+
+def test_full_edit_fine_tune_saves_a_transformer_the_stock_editing_pipeline_runs(tiny_models, tmp_path):
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
+
+    out = tmp_path / "full"
+    run_script("train_dopsd_full.py", [
+        "--pretrained_model_name_or_path", tiny_models / "flux2-klein", "--task", "edit", "--instance_data_dir", EDITS,
+        "--output_dir", out, "--max_train_steps", 2, "--learning_rate", 1e-3, "--ema_decay", 0.5, "--resolution", 64,
+        "--validation_steps", 0, "--skip_final_validation", "--report_to", "none",
+    ])
+    card = (out / "README.md").read_text()
+    assert "image-to-image" in card and f'image=[load_image("source.png")], prompt="{INSTRUCTION}"' in card
+    source = Image.open(EDITS / "before" / "grass.png")
+
+    def edit(pipe):
+        return pipe(prompt=INSTRUCTION, image=[source], num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images
+
+    tuned = Flux2KleinPipeline.from_pretrained(str(tiny_models / "flux2-klein"),
+                                               transformer=Flux2Transformer2DModel.from_pretrained(out / "transformer"))
+    assert abs(edit(tuned) - edit(load_stock(tiny_models / "flux2-klein"))).max() > 1e-5
