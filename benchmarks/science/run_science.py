@@ -300,16 +300,18 @@ def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, repl
                      f"{fmt_ci(final_values(label, 'old_gap', all_seeds), signed=True)} |")
     lines += [
         "",
-        f"**Paired differences at the last step ({STEPS})**, arm − SFT over all {len(all_seeds)} seeds:",
+        f"**Paired differences at the last step ({STEPS})**, arm − SFT over all {len(all_seeds)} seeds, and old "
+        "precision per split:",
         "",
-        "| arm − SFT | new precision | new coverage | old precision, 4 steps | old gap |",
-        "|---|---|---|---|---|",
+        "| arm − SFT | new precision | new coverage | old precision, 4 steps | old gap | old precision, samples cover "
+        "all modes | old precision, samples miss a mode |",
+        "|---|---|---|---|---|---|---|",
     ]
     for a in [label for label, _, _ in ARMS[1:]]:
-        cells = [f"{fmt_ci(d, signed=True)} ({count(d)})" for d in
-                 (final_diff(summary, a, "SFT", key) for key in ("new_precision_4", "new_coverage_4", "old_precision_4",
-                                                                "old_gap"))]
-        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+        columns = [final_diff(summary, a, "SFT", key) for key in ("new_precision_4", "new_coverage_4", "old_precision_4",
+                                                                 "old_gap")]
+        columns += [final_diff(summary, a, "SFT", "old_precision_4", seeds) for seeds in (full, partial)]
+        lines.append(f"| {a} | " + " | ".join(f"{fmt_ci(d, signed=True)} ({count(d)})" for d in columns) + " |")
     lines += [
         "",
         "**Read off the frontier at other learning levels**: old-concept 4-step precision, paired differences over "
@@ -403,13 +405,21 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
                       if summary[label][s]["matched_step"] is not None]
     new_final = final_diff(summary, main, "SFT", "new_precision_4")
     old_final = final_diff(summary, main, "SFT", "old_precision_4")
+    old_final_full = final_diff(summary, main, "SFT", "old_precision_4", full)
+    old_final_partial = final_diff(summary, main, "SFT", "old_precision_4", partial)
     learned_alike = verdict(new_final, "more", "less", "alike") == "alike"
     teacher_gate = gates[SHIPPED_WORLD_SEED]["figures"]["teacher_precision_4"] if SHIPPED_WORLD_SEED in gates else math.nan
     sft_32_drop = mean(final("SFT", "old_precision_32")) - turbo["old_precision_32"]
     envelope = paired(summary, main, "SFT", seeds, MATCHED_PRECISION, "envelope")
     replicated = {w: summarise(arms, list(REPLICATION_SEEDS)) for w, arms in replication.items()}
-    pooled_old = [x for s in replicated.values() for x in final_diff(s, main, "SFT", "old_precision_4", REPLICATION_SEEDS)]
-    pooled_matched = [x for s in replicated.values() for x in paired(s, main, "SFT", REPLICATION_SEEDS, "old_precision_4")]
+
+    def pooled_final(seeds):
+        return [x for world in replicated.values() for x in final_diff(world, main, "SFT", "old_precision_4", seeds)]
+
+    pooled_old = pooled_final(REPLICATION_SEEDS)
+    pooled_old_full = pooled_final([seed for seed in REPLICATION_SEEDS if covers_all_modes(seed)])
+    pooled_matched = [x for world in replicated.values()
+                      for x in paired(world, main, "SFT", REPLICATION_SEEDS, "old_precision_4")]
     at_top = [kind for kind in ("sft", "dopsd") if selected[kind] == max(LEARNING_RATES)]
     dopsd_scores = sorted((sweep_scores[f"dopsd {lr:g}"]["mean_retention_at_matched"] for lr in LEARNING_RATES),
                           reverse=True)
@@ -430,8 +440,11 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
         f"{mean(matched(main, 'old_precision_4')):.2f} (D-OPSD).",
         f"- *At step {STEPS}* D-OPSD − SFT new precision is {fmt_ci(new_final, signed=True)} (learnt "
         f"{'about equally' if learned_alike else 'not equally'}) and old precision {fmt_ci(old_final, signed=True)} "
-        f"({count(old_final)}): **{verdict(old_final, 'D-OPSD keeps significantly more', 'D-OPSD keeps significantly less', 'no significant difference')}**; "
-        f"coverage {fmt_ci(final_diff(summary, main, 'SFT', 'new_coverage_4'), signed=True)}, old gap "
+        f"({count(old_final)}): **{verdict(old_final, 'D-OPSD keeps significantly more', 'D-OPSD keeps significantly less', 'no significant difference')}**"
+        f" (samples covering all modes {fmt_ci(old_final_full, signed=True)}, "
+        f"{verdict(old_final_full, 'significant', 'significantly negative', 'not significant')}; missing a mode "
+        f"{fmt_ci(old_final_partial, signed=True)}, "
+        f"{verdict(old_final_partial, 'significant', 'significantly negative', 'not significant')}); coverage {fmt_ci(final_diff(summary, main, 'SFT', 'new_coverage_4'), signed=True)}, old gap "
         f"{fmt_ci(final_diff(summary, main, 'SFT', 'old_gap'), signed=True)}. This reading was chosen after the curves "
         f"were seen: mean old precision goes from {mean(matched(main, 'old_precision_4')):.2f} at matched learning to "
         f"{mean(final(main, 'old_precision_4')):.2f} at step {STEPS} for D-OPSD, from "
@@ -441,7 +454,9 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
         f"**{verdict(envelope, 'a significant win for D-OPSD', 'a significant loss for D-OPSD')}**.",
         f"- *On the other worlds* ({len(REPLICATION_WORLDS)} worlds × {len(REPLICATION_SEEDS)} seeds, rates not "
         f"re-swept; first run after the step-{STEPS} reading was chosen, so its out-of-sample test): D-OPSD − SFT old precision at step {STEPS} {fmt_ci(pooled_old, signed=True)} "
-        f"({count(pooled_old)}): **{verdict(pooled_old, 'D-OPSD keeps significantly more', 'D-OPSD keeps significantly less')}**; "
+        f"({count(pooled_old)}): **{verdict(pooled_old, 'D-OPSD keeps significantly more', 'D-OPSD keeps significantly less')}**"
+        f" (on the pairs whose samples cover all modes {fmt_ci(pooled_old_full, signed=True)}, {count(pooled_old_full)}, "
+        f"{verdict(pooled_old_full, 'significant', 'significantly negative', 'not significant')}); "
         f"at matched learning {fmt_ci(pooled_matched, signed=True)} ({count(pooled_matched)}): "
         f"**{verdict(pooled_matched, 'a significant win for D-OPSD', 'a significant loss for D-OPSD')}**.",
         f"- *Nobody keeps the old concepts* in this world: from the turbo's {turbo['old_precision_4']:.2f}, old "
