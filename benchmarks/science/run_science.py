@@ -1,7 +1,7 @@
 # Copyright 2026 The dopsd authors. Licensed under the Apache License, Version 2.0.
 """Science check: at matched concept learning, does D-OPSD keep a few-step model's old concepts better than SFT?
 
-    python -m benchmarks.science.run_science      # sweep, 12 seeds, all arms -> BENCHMARKS.md + PNGs (minutes, 1 thread)
+    python -m benchmarks.science.run_science      # sweep, 12 seeds, all arms, other worlds -> BENCHMARKS.md + PNGs (~9 min)
 
 The shipped 4-step turbo of the 2-D concept world (build_models.py) gets a LoRA fine-tuned on 8 samples of a new
 concept "[V]", by vanilla SFT and by D-OPSD, through dopsd_training's own ``sft_step``, ``dopsd_step`` and
@@ -12,8 +12,13 @@ concept "[V]", by vanilla SFT and by D-OPSD, through dopsd_training's own ``sft_
    MATCHED_PRECISION), averaged over those seeds; a run that never gets there scores 0.
 2. 12 other seeds, each method at its own selected rate; D-OPSD's EMA decays and the off-policy ablation (the
    ``off_policy_x0`` option of dopsd_step) at D-OPSD's rate. Figures at fixed steps give curves of learning against
-   retention, read at matched learning per seed; paired differences get 95 % t intervals over seeds, and are split by
-   whether a seed's 8 samples cover all 4 modes of the concept.
+   retention, read at matched learning per seed (the planned reading), at the last step, and off the frontier at other
+   learning levels; paired differences get 95 % t intervals over seeds, and are split by whether a seed's 8 samples
+   cover all 4 modes of the concept.
+3. SFT and the main D-OPSD arm on the other built worlds (REPLICATION_WORLDS), at the rates selected on world 0.
+
+The sentences of the reading are computed from the tables, verdicts included, so that a rerun cannot keep a claim its
+figures no longer support.
 
 The figures go into the science section of BENCHMARKS.md, the curves into frontiers.png, samples into samples.png and
 every per-seed figure into results.json.
@@ -434,8 +439,8 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
         f"{MATCHED_PRECISION}): D-OPSD (EMA {DOPSD_EMA}) − SFT old-concept precision {fmt_ci(matched_diff, signed=True)} "
         f"({count(matched_diff)}): **{verdict(matched_diff, 'a significant win for D-OPSD', 'a significant loss for D-OPSD', 'no significant win')}.** "
         f"Where the 8 samples cover all modes {fmt_ci(matched_full, signed=True)} ({count(matched_full)}); where they "
-        f"miss one {fmt_ci(matched_partial, signed=True)} ({count(matched_partial)}). That point comes "
-        f"{min(crossing_steps)}-{max(crossing_steps)} steps in, where old precision is already down from the turbo's "
+        f"miss one {fmt_ci(matched_partial, signed=True)} ({count(matched_partial)}). Runs reach that point by step "
+        f"{min(crossing_steps)} to {max(crossing_steps)} (the first evaluated step past it), where old precision is already down from the turbo's "
         f"{turbo['old_precision_4']:.2f} to {mean(matched('SFT', 'old_precision_4')):.2f} (SFT) and "
         f"{mean(matched(main, 'old_precision_4')):.2f} (D-OPSD).",
         f"- *At step {STEPS}* D-OPSD − SFT new precision is {fmt_ci(new_final, signed=True)} (learnt "
