@@ -253,6 +253,12 @@ def test_headline_at_equal_learning_dopsd_keeps_more_old_concepts_and_all_modes(
     assert dopsd["new_coverage_4"] > sft["new_coverage_4"] + 0.1, (dopsd, sft)  # measured: 0.95 vs 0.78
 
 
+def test_benchmarks_md_says_what_results_json_and_the_gates_hold():
+    """The science section is what run_science writes from the recorded figures: no hand-edited claim, no stale one."""
+    section = run_science.section_from_results(run_science.load_results())
+    assert section in (ROOT / "BENCHMARKS.md").read_text()
+
+
 def test_the_science_section_is_rewritten_alone(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Training step\nkept\n")

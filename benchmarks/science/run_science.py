@@ -40,8 +40,8 @@ from benchmarks.science.finetune import (
     BATCH, LORA_RANK, NUM_CONCEPT_SAMPLES, SFT, Method, concept_samples, covers_all_modes, finetune,
 )
 from benchmarks.science.toy_world import (
-    FEW_STEPS, MANY_STEPS, MODE_STD, NAMED_WORDS, NEW_WORD, PERFECT_PRECISION,
-    PRECISE_RADIUS, SHIPPED_WORLD_SEED, ToyFamily, generate, load_model, mode_centres, phase_of, world_dir,
+    CHECKPOINTS, FEW_STEPS, MANY_STEPS, MODE_STD, NAMED_WORDS, NEW_WORD, PERFECT_PRECISION, PRECISE_RADIUS,
+    SHIPPED_WORLD_SEED, ToyFamily, generate, load_model, mode_centres, phase_of, world_dir,
 )
 
 STEPS = 200
@@ -66,6 +66,8 @@ SWEPT = {"sft": SFT, "dopsd": ARMS[1][1]}
 HERE = Path(__file__).parent
 REPO_ROOT = HERE.parents[1]
 DEFAULT_OUT = REPO_ROOT / "BENCHMARKS.md"
+RESULTS = HERE / "results.json"
+COMMAND = "python -m benchmarks.science.run_science"
 SECTION_START, SECTION_END = "<!-- science:start -->", "<!-- science:end -->"
 COLOURS = {"SFT": "tab:red", "D-OPSD, EMA 0.999": "tab:blue", "D-OPSD, EMA 0.99": "tab:cyan",
            "D-OPSD, frozen teacher": "tab:purple", "off-policy, EMA 0.999": "tab:green"}
@@ -73,7 +75,7 @@ COLOURS = {"SFT": "tab:red", "D-OPSD, EMA 0.999": "tab:blue", "D-OPSD, EMA 0.99"
 
 def shipped_selection() -> dict[str, float]:
     """The learning rates the last full run's sweep selected (results.json), for checks that do not rerun the sweep."""
-    return json.loads((HERE / "results.json").read_text())["selected_learning_rates"]
+    return json.loads(RESULTS.read_text())["selected_learning_rates"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -580,6 +582,52 @@ def plot_samples(turbo, family, selected, seed: int, step: int, path: Path):
     plt.close(figure)
 
 
+def recorded_gates() -> dict[int, dict]:
+    """The gates as build_models defines them now, on the figures recorded when each world was built."""
+    gates = {}
+    for path in sorted(CHECKPOINTS.glob("world_*/gates.json")):
+        figures = json.loads(path.read_text())["figures"]
+        gates[int(path.parent.name.split("_")[1])] = {"figures": figures, "passed": check_gates(figures)}
+    return gates
+
+
+def run_and_record(start: float):
+    """The whole protocol (sweep, arms, other worlds), its every figure written to results.json."""
+    family = ToyFamily(SHIPPED_WORLD_SEED)
+    turbo = load_model(world_dir(SHIPPED_WORLD_SEED) / "turbo.safetensors")
+    selected, sweep_scores = sweep(turbo, family)
+    curves = {}
+    for label, method, kind in ARMS:
+        curves[label] = {seed: run_arm(turbo, family, method, seed, selected[kind]) for seed in EVAL_SEEDS}
+        print(f"{label}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+    replication = replicate(selected)
+    RESULTS.write_text(json.dumps({
+        "selected_learning_rates": selected, "sweep": sweep_scores, "matched_precision": MATCHED_PRECISION,
+        "seconds": round(time.perf_counter() - start),
+        "curves": {label: curves_to_json(by_seed) for label, by_seed in curves.items()},
+        "replication": {world: {label: curves_to_json(by_seed) for label, by_seed in arms.items()}
+                        for world, arms in replication.items()},
+        "covers_all_modes": {seed: covers_all_modes(seed) for seed in EVAL_SEEDS},
+    }, indent=1) + "\n")
+
+
+def load_results() -> dict:
+    """results.json with integer seeds, steps and worlds again."""
+    results = json.loads(RESULTS.read_text())
+    results["curves"] = {label: curves_from_json(by_seed) for label, by_seed in results["curves"].items()}
+    results["replication"] = {int(world): {label: curves_from_json(by_seed) for label, by_seed in arms.items()}
+                              for world, arms in results["replication"].items()}
+    return results
+
+
+def section_from_results(results: dict) -> str:
+    """The science section of BENCHMARKS.md, from the recorded figures alone (a fresh run is read back the same way)."""
+    curves = results["curves"]
+    return markdown_section(curves["SFT"][EVAL_SEEDS[0]][0], recorded_gates(), results["selected_learning_rates"],
+                            results["sweep"], summarise(curves, list(EVAL_SEEDS)), results["replication"], COMMAND,
+                            results["seconds"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown file whose science section is rewritten")
@@ -589,45 +637,15 @@ def main():
     # The matmuls here are tiny: on a shared 2-core machine a second thread makes them tens of times slower, not faster.
     torch.set_num_threads(1)
     start = time.perf_counter()
-    family = ToyFamily(SHIPPED_WORLD_SEED)
-    turbo = load_model(world_dir(SHIPPED_WORLD_SEED) / "turbo.safetensors")
-    # The gates as build_models defines them now, on the figures recorded when each world was built.
-    gates = {}
-    for path in sorted(world_dir(0).parent.glob("world_*/gates.json")):
-        figures = json.loads(path.read_text())["figures"]
-        gates[int(path.parent.name.split("_")[1])] = {"figures": figures, "passed": check_gates(figures)}
-
-    if args.from_results:
-        results = json.loads((HERE / "results.json").read_text())
-        selected, sweep_scores, seconds = results["selected_learning_rates"], results["sweep"], results["seconds"]
-        curves = {label: curves_from_json(by_seed) for label, by_seed in results["curves"].items()}
-        replication = {int(world): {label: curves_from_json(by_seed) for label, by_seed in arms.items()}
-                       for world, arms in results["replication"].items()}
-    else:
-        selected, sweep_scores = sweep(turbo, family)
-        curves = {}
-        for label, method, kind in ARMS:
-            curves[label] = {}
-            for seed in EVAL_SEEDS:
-                curves[label][seed] = run_arm(turbo, family, method, seed, selected[kind])
-            print(f"{label}: done ({time.perf_counter() - start:.0f} s)", flush=True)
-        replication = replicate(selected)
-        seconds = time.perf_counter() - start
-        (HERE / "results.json").write_text(json.dumps({
-            "selected_learning_rates": selected, "sweep": sweep_scores, "matched_precision": MATCHED_PRECISION,
-            "seconds": round(seconds),
-            "curves": {label: curves_to_json(by_seed) for label, by_seed in curves.items()},
-            "replication": {world: {label: curves_to_json(by_seed) for label, by_seed in arms.items()}
-                            for world, arms in replication.items()},
-            "covers_all_modes": {seed: covers_all_modes(seed) for seed in EVAL_SEEDS},
-        }, indent=1) + "\n")
-    summary = summarise(curves, list(EVAL_SEEDS))
-    turbo_figures = curves["SFT"][EVAL_SEEDS[0]][0]
-    section = markdown_section(turbo_figures, gates, selected, sweep_scores, summary, replication,
-                               "python -m benchmarks.science.run_science", seconds)
+    if not args.from_results:
+        run_and_record(start)
+    results = load_results()
+    section = section_from_results(results)
     write_section(args.out, section)
-    plot_frontiers(curves, selected, HERE / "frontiers.png")
-    plot_samples(turbo, family, selected, EVAL_SEEDS[0], 50, HERE / "samples.png")
+    plot_frontiers(results["curves"], results["selected_learning_rates"], HERE / "frontiers.png")
+    turbo = load_model(world_dir(SHIPPED_WORLD_SEED) / "turbo.safetensors")
+    plot_samples(turbo, ToyFamily(SHIPPED_WORLD_SEED), results["selected_learning_rates"], EVAL_SEEDS[0], 50,
+                 HERE / "samples.png")
     print(section)
     written = "frontiers.png, samples.png" + ("" if args.from_results else ", results.json")
     print(f"wrote {args.out}, {written} in {time.perf_counter() - start:.0f} s")
