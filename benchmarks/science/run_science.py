@@ -157,6 +157,11 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def fmt_paired(d: list[float]) -> str:
+    """A paired difference over seeds: mean [95 % interval], how many seeds, and on how many it is positive."""
+    return f"{fmt_ci(d, signed=True)} (n={len(d)}, {sum(x > 0 for x in d)} > 0)" if d else "–"
+
+
 def fmt_ci(values: list[float], signed: bool = False) -> str:
     if not values:
         return "–"
@@ -285,13 +290,10 @@ def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, repl
         "| difference | all seeds | samples cover all modes | samples miss a mode |",
         "|---|---|---|---|",
     ]
-    comparisons = [(label, "SFT") for label, _, _ in ARMS[1:]] + [(main, ARMS[4][0])]
+    comparisons = [(label, "SFT") for label, _, _ in ARMS[1:]] + [(main, off)]
     for a, b in comparisons:
         for key, what in (("old_precision_4", "old precision"), ("old_gap", "old gap")):
-            cells = []
-            for seeds in (all_seeds, full, partial):
-                d = paired(summary, a, b, seeds, key)
-                cells.append(f"{fmt_ci(d, signed=True)} (n={len(d)}, {sum(x > 0 for x in d)} > 0)" if d else "–")
+            cells = [fmt_paired(paired(summary, a, b, seeds, key)) for seeds in (all_seeds, full, partial)]
             lines.append(f"| {what}: {a} − {b} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -336,8 +338,7 @@ def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, repl
                  paired(summary, main, "SFT", all_seeds, level, "envelope"),
                  paired(summary, off, "SFT", all_seeds, level, "envelope"),
                  paired(summary, main, off, all_seeds, level, "envelope")]
-        lines.append(f"| {level} | " + " | ".join(f"{fmt_ci(d, signed=True)} (n={len(d)}, {sum(x > 0 for x in d)} > 0)"
-                                                  if d else "–" for d in cells) + " |")
+        lines.append(f"| {level} | " + " | ".join(fmt_paired(d) for d in cells) + " |")
     lines += replication_lines(replication, selected)
     lines += reading(summary, replication, gates, selected, sweep_scores, turbo_figures, full, partial)
     lines += ["", "Curves: `benchmarks/science/frontiers.png`; samples: `benchmarks/science/samples.png`.", SECTION_END]
@@ -371,8 +372,8 @@ def replication_lines(replication, selected) -> list[str]:
         f"{', '.join(map(str, REPLICATION_SEEDS))}), at world {SHIPPED_WORLD_SEED}'s selected rates "
         f"(SFT {selected['sft']:g}, D-OPSD {selected['dopsd']:g}; not re-swept), paired D-OPSD − SFT:",
         "",
-        "| world | old precision at matched learning | new precision at step 200 | old precision at step 200 | "
-        "old gap at step 200 |",
+        f"| world | old precision at matched learning | new precision at step {STEPS} | old precision at step {STEPS} | "
+        f"old gap at step {STEPS} |",
         "|---|---|---|---|---|",
     ]
     pooled = {"matched": [], "new": [], "old": [], "gap": []}
@@ -383,11 +384,8 @@ def replication_lines(replication, selected) -> list[str]:
                    "gap": final_diff(summary, main, "SFT", "old_gap", REPLICATION_SEEDS)}
         for key, d in columns.items():
             pooled[key] += d
-        lines.append(f"| {world} | " + " | ".join(f"{fmt_ci(d, signed=True)} (n={len(d)}, {sum(x > 0 for x in d)} > 0)"
-                                                  if d else "–" for d in columns.values()) + " |")
-    lines.append("| all (world, seed) pairs | " + " | ".join(
-        f"{fmt_ci(d, signed=True)} (n={len(d)}, {sum(x > 0 for x in d)} > 0)" if d else "–" for d in pooled.values())
-        + " |")
+        lines.append(f"| {world} | " + " | ".join(fmt_paired(d) for d in columns.values()) + " |")
+    lines.append("| all (world, seed) pairs | " + " | ".join(fmt_paired(d) for d in pooled.values()) + " |")
     return lines
 
 
