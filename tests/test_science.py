@@ -6,6 +6,7 @@ shipped world, the headline comparison of BENCHMARKS.md holds with a margin."""
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from unittest import mock
@@ -251,6 +252,16 @@ def test_headline_at_equal_learning_dopsd_keeps_more_old_concepts_and_all_modes(
     assert abs(dopsd["new_precision_4"] - sft["new_precision_4"]) < 0.05, (dopsd, sft)
     assert dopsd["old_precision_4"] > sft["old_precision_4"] + 0.05, (dopsd, sft)  # measured: +0.114
     assert dopsd["new_coverage_4"] > sft["new_coverage_4"] + 0.1, (dopsd, sft)  # measured: 0.95 vs 0.78
+
+
+def test_a_gate_tie_is_decided_by_the_recorded_figures_not_float32_noise():
+    from benchmarks.science.build_models import check_gates
+
+    turbo = torch.tensor([0.812, 0.788, 0.8, 0.812]).mean().item()  # 0.803 as float32 arithmetic leaves it
+    assert turbo != 0.803
+    figures = json.loads((world_dir(5) / "gates.json").read_text())["figures"]
+    assert check_gates({**figures, "turbo_named_4": turbo, "base_named_32": 0.853})["turbo_closes_gap"]
+    assert not check_gates({**figures, "turbo_named_4": 0.802, "base_named_32": 0.853})["turbo_closes_gap"]
 
 
 def test_benchmarks_md_says_what_results_json_and_the_gates_hold():

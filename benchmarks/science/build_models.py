@@ -3,7 +3,7 @@
 
     python -m benchmarks.science.build_models                      # re-measure the shipped world's gates (seconds)
     python -m benchmarks.science.build_models --rebuild            # retrain the shipped world, verify, save (minutes)
-    python -m benchmarks.science.build_models --rebuild --world_seeds 0 1 2 3   # the robustness check over worlds
+    python -m benchmarks.science.build_models --rebuild --world_seeds 0 1 2 3 4 5 6 7   # all the shipped worlds
 
 The fine-tuning comparison means something only if the world has the properties the method depends on: a real
 few-step gap (the base at 4 steps is clearly worse than at 32) that the turbo closes; a teacher context from which the
@@ -37,6 +37,14 @@ BATCH = 512
 MAX_REFERENCES = 8  # reference sets of 1 .. 8 points when the base learns in-context drawing
 TRAJECTORIES = 32768  # base ODE trajectories the turbo regresses on
 SUBSTEPS = 16  # base Euler steps per turbo interval: close enough to the base's ODE solution
+# The worlds the world and its gates were designed on, and those built only once both were final: a held-out check of
+# "the gates pass for most world seeds".
+DESIGN_WORLDS = (0, 1, 2, 3)
+HELD_OUT_WORLDS = (4, 5, 6, 7)
+# "[V]" text-only precision a world may have. First set at 0.05, which design worlds 1 and 2 missed (0.081, 0.059): an
+# unseen word lands between its neighbours now and then. What the gate must guarantee is that "[V]" is far from learned
+# (matched learning is 0.7).
+PLANNED_UNKNOWN_LIMIT, UNKNOWN_LIMIT = 0.05, 0.15
 # The SFT gate: vanilla SFT at a fixed protocol on these fine-tuning seeds (not the comparison's seeds).
 GATE_SFT_SEEDS, GATE_SFT_STEPS, GATE_SFT_LR = (901, 902), 200, 3e-3
 
@@ -46,10 +54,8 @@ GATES = {
                      lambda m: m["base_named_32"] - m["base_named_4"] >= 0.10),
     "turbo_closes_gap": ("turbo precision on named concepts at 4 steps >= base at 32 steps - 0.05",
                          lambda m: m["turbo_named_4"] >= m["base_named_32"] - 0.05),
-    # First set at <= 0.05, which worlds 1 and 2 missed (0.081, 0.059): an unseen word lands between its neighbours
-    # now and then. What the gate must guarantee is that "[V]" is far from learned (matched learning is 0.7).
-    "concept_unknown": ('turbo on "[V]" text only: precision <= 0.15 (there is something to learn)',
-                        lambda m: m["turbo_new_text_4"] <= 0.15),
+    "concept_unknown": (f'turbo on "[V]" text only: precision <= {UNKNOWN_LIMIT} (there is something to learn)',
+                        lambda m: m["turbo_new_text_4"] <= UNKNOWN_LIMIT),
     "teacher_precise": (f'turbo on "[V]" + the 8 training samples as references (the D-OPSD teacher): precision >= 0.6 '
                         f'(a perfect sampler: {PERFECT_PRECISION:.3f}), mean over 4 sample sets',
                         lambda m: m["teacher_precision_4"] >= 0.6),
@@ -170,7 +176,10 @@ def measure(base, turbo, family: ToyFamily) -> dict[str, float]:
 
 
 def check_gates(figures: dict[str, float]) -> dict[str, bool]:
-    return {name: bool(passes(figures)) for name, (_, passes) in GATES.items()}
+    """Each gate's verdict on the figures as gates.json records them (4 places): the precisions are float32 counts of
+    a few hundred samples, so a tie such as 0.803 >= 0.853 - 0.05 must not be decided by float32 noise."""
+    recorded = {k: round(v, 4) for k, v in figures.items()}
+    return {name: bool(passes(recorded)) for name, (_, passes) in GATES.items()}
 
 
 def report(world_seed: int, figures: dict[str, float], passed: dict[str, bool]):

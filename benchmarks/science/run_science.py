@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.science.build_models import check_gates
+from benchmarks.science.build_models import (
+    DESIGN_WORLDS, HELD_OUT_WORLDS, PLANNED_UNKNOWN_LIMIT, UNKNOWN_LIMIT, check_gates,
+)
 from benchmarks.science.finetune import (
     BATCH, LORA_RANK, NUM_CONCEPT_SAMPLES, SFT, Method, concept_samples, covers_all_modes, finetune,
 )
@@ -236,7 +238,9 @@ def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, repl
         f"precision, text only, at {FEW_STEPS} steps; *gap* = old precision at {MANY_STEPS} steps minus at {FEW_STEPS} "
         "(negative = the model is better at few steps, as a distilled model is).",
         "",
-        "**Gates of the world** (`python -m benchmarks.science.build_models --rebuild --world_seeds 0 1 2 3`):",
+        f"**Gates of the world** (`python -m benchmarks.science.build_models --rebuild --world_seeds "
+        f"{' '.join(map(str, gates))}`; worlds {', '.join(map(str, HELD_OUT_WORLDS))} are held out: built only once "
+        "the world and its gates were final):",
         "",
         "| world seed | base 32 / 4 steps | turbo 4 steps | \"[V]\" text only | teacher precision / coverage | "
         "SFT's old gap vs the turbo's | all gates |",
@@ -245,7 +249,7 @@ def markdown_section(turbo_figures, gates, selected, sweep_scores, summary, repl
     for world_seed, record in gates.items():
         f = record["figures"]
         lines.append(
-            f"| {world_seed} | {f['base_named_32']:.3f} / {f['base_named_4']:.3f} | {f['turbo_named_4']:.3f} | "
+            f"| {world_seed}{' (held out)' if world_seed in HELD_OUT_WORLDS else ''} | {f['base_named_32']:.3f} / {f['base_named_4']:.3f} | {f['turbo_named_4']:.3f} | "
             f"{f['turbo_new_text_4']:.3f} | {f['teacher_precision_4']:.3f} / {f['teacher_coverage_4']:.3f} | "
             f"{f['sft_old_gap']:+.3f} vs {f['turbo_old_gap']:+.3f} | "
             f"{'pass' if all(record['passed'].values()) else 'FAIL: ' + ', '.join(k for k, v in record['passed'].items() if not v)} |")
@@ -428,13 +432,20 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
     at_top = [kind for kind in ("sft", "dopsd") if selected[kind] == max(LEARNING_RATES)]
     dopsd_scores = sorted((sweep_scores[f"dopsd {lr:g}"]["mean_retention_at_matched"] for lr in LEARNING_RATES),
                           reverse=True)
-    loose_worlds = {w: r["figures"]["turbo_new_text_4"] for w, r in gates.items()
-                    if r["figures"]["turbo_new_text_4"] > 0.05}
+    passing = [w for w, r in gates.items() if all(r["passed"].values())]
+    passing_planned = [w for w in passing if gates[w]["figures"]["turbo_new_text_4"] <= PLANNED_UNKNOWN_LIMIT]
+    failing = {w: [name for name, ok in r["passed"].items() if not ok] for w, r in gates.items() if w not in passing}
+    loosened_for = {w: gates[w]["figures"]["turbo_new_text_4"] for w in DESIGN_WORLDS
+                    if w in gates and gates[w]["figures"]["turbo_new_text_4"] > PLANNED_UNKNOWN_LIMIT}
     collapsed = mean(final(ema_fast, "new_precision_4")) < MATCHED_PRECISION / 2
     lines = [
         "",
         "**Reading.**",
         "",
+        f"- *The world's gates* pass on {sum(w in passing for w in DESIGN_WORLDS)} of the {len(DESIGN_WORLDS)} worlds "
+        f"they were designed on and on {sum(w in passing for w in HELD_OUT_WORLDS)} of the {len(HELD_OUT_WORLDS)} "
+        "held-out ones" + (" (failing: " + "; ".join(f"world {w}: {', '.join(names)}" for w, names in failing.items())
+                           + ")." if failing else "."),
         f"- *At matched learning, read as planned* (the first point where the new concept's precision reaches "
         f"{MATCHED_PRECISION}): D-OPSD (EMA {DOPSD_EMA}) − SFT old-concept precision {fmt_ci(matched_diff, signed=True)} "
         f"({count(matched_diff)}): **{verdict(matched_diff, 'a significant win for D-OPSD', 'a significant loss for D-OPSD', 'no significant win')}.** "
@@ -490,9 +501,11 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
         + (f"the selected rate of {' and '.join(at_top)} is the top of the grid; " if at_top else
            "both selected rates lie inside the grid; ")
         + f"D-OPSD's two best sweep scores differ by {dopsd_scores[0] - dopsd_scores[1]:.3f} (4 seeds each); "
-        + (f"the world gate 'concept_unknown' was loosened from <= 0.05 to <= 0.15 after worlds "
-           f"{' and '.join(map(str, loose_worlds))} measured {' and '.join(f'{v:.3f}' for v in loose_worlds.values())} "
-           f"(with 0.05, {len(gates) - len(loose_worlds)} of {len(gates)} worlds pass); " if loose_worlds else "")
+        + (f"the world gate 'concept_unknown' was loosened from <= {PLANNED_UNKNOWN_LIMIT} to <= {UNKNOWN_LIMIT} after "
+           f"design worlds {' and '.join(map(str, loosened_for))} measured "
+           f"{' and '.join(f'{v:.3f}' for v in loosened_for.values())}: with {PLANNED_UNKNOWN_LIMIT}, "
+           f"{len(passing_planned)} of the {len(gates)} worlds pass every gate "
+           f"({sum(w in passing_planned for w in HELD_OUT_WORLDS)} of the held-out ones); " if loosened_for else "")
         + "full fine-tuning instead of a LoRA lost every old concept (precision about 0.05) within 50 steps for every "
         "method and rate tried when the world was built, which is why the check uses a LoRA.",
     ]
