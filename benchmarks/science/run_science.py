@@ -1,7 +1,7 @@
 # Copyright 2026 The dopsd authors. Licensed under the Apache License, Version 2.0.
 """Science check: at matched concept learning, does D-OPSD keep a few-step model's old concepts better than SFT?
 
-    python -m benchmarks.science.run_science      # sweep, 12 seeds, all arms, other worlds -> BENCHMARKS.md + PNGs (~9 min)
+    python -m benchmarks.science.run_science      # sweep, 12 seeds, all arms, other worlds -> BENCHMARKS.md + PNGs (~11 min)
 
 The shipped 4-step turbo of the 2-D concept world (build_models.py) gets a LoRA fine-tuned on 8 samples of a new
 concept "[V]", by vanilla SFT and by D-OPSD, through dopsd_training's own ``sft_step``, ``dopsd_step`` and
@@ -53,8 +53,8 @@ EVAL_SEEDS = tuple(range(1, 13))
 LEARNING_RATES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # LoRA rates, swept for SFT and for D-OPSD
 MATCHED_PRECISION = 0.7  # "learned": 4-step precision on the new concept; the D-OPSD teacher's own is about 0.77
 FRONTIER_LEVELS = (0.5, 0.6, MATCHED_PRECISION, 0.75)  # the frontier read at other learning levels too
-# The comparison's main pair replicated on the other built worlds, at world 0's selected rates (not re-swept there).
-REPLICATION_WORLDS = (1, 2, 3)
+# The comparison's main pair replicated on every other shipped world, at world 0's selected rates (not re-swept there).
+REPLICATION_WORLDS = tuple(w for w in DESIGN_WORLDS + HELD_OUT_WORLDS if w != SHIPPED_WORLD_SEED)
 REPLICATION_SEEDS = (1, 2, 3, 4)
 DOPSD_EMA = 0.999  # the main D-OPSD arm; 0.99 is shown too (its teacher collapses within ~150 steps here)
 ARMS = (  # (label, method, whose selected learning rate it runs at)
@@ -366,13 +366,22 @@ def verdict(d: list[float], positive: str, negative: str, neither: str = "no sig
     return positive if low > 0 else negative if high < 0 else neither
 
 
-def replication_lines(replication, selected) -> list[str]:
-    """The main pair on the other worlds: paired D-OPSD − SFT per world, and over all (world, seed) pairs."""
+def replication_columns(summary) -> dict[str, list[float]]:
+    """Paired D-OPSD − SFT per seed of one world's replication: at matched learning and at the last step."""
     main = ARMS[1][0]
-    per_world = {w: summarise(arms, list(REPLICATION_SEEDS)) for w, arms in replication.items()}
+    return {"matched": paired(summary, main, "SFT", REPLICATION_SEEDS, "old_precision_4"),
+            "new": final_diff(summary, main, "SFT", "new_precision_4", REPLICATION_SEEDS),
+            "old": final_diff(summary, main, "SFT", "old_precision_4", REPLICATION_SEEDS),
+            "gap": final_diff(summary, main, "SFT", "old_gap", REPLICATION_SEEDS)}
+
+
+def replication_lines(replication, selected) -> list[str]:
+    """The main pair on the other worlds: paired D-OPSD − SFT per world, pooled over the design worlds, over the
+    held-out ones, and over all."""
+    per_world = {w: replication_columns(summarise(arms, list(REPLICATION_SEEDS))) for w, arms in replication.items()}
     lines = [
         "",
-        f"**Other worlds**: SFT and {main} on the turbos of worlds {', '.join(map(str, REPLICATION_WORLDS))} (seeds "
+        f"**Other worlds**: SFT and {ARMS[1][0]} on the turbos of worlds {', '.join(map(str, per_world))} (seeds "
         f"{', '.join(map(str, REPLICATION_SEEDS))}), at world {SHIPPED_WORLD_SEED}'s selected rates "
         f"(SFT {selected['sft']:g}, D-OPSD {selected['dopsd']:g}; not re-swept), paired D-OPSD − SFT:",
         "",
@@ -380,16 +389,16 @@ def replication_lines(replication, selected) -> list[str]:
         f"old gap at step {STEPS} |",
         "|---|---|---|---|---|",
     ]
-    pooled = {"matched": [], "new": [], "old": [], "gap": []}
-    for world, summary in per_world.items():
-        columns = {"matched": paired(summary, main, "SFT", REPLICATION_SEEDS, "old_precision_4"),
-                   "new": final_diff(summary, main, "SFT", "new_precision_4", REPLICATION_SEEDS),
-                   "old": final_diff(summary, main, "SFT", "old_precision_4", REPLICATION_SEEDS),
-                   "gap": final_diff(summary, main, "SFT", "old_gap", REPLICATION_SEEDS)}
-        for key, d in columns.items():
-            pooled[key] += d
-        lines.append(f"| {world} | " + " | ".join(fmt_paired(d) for d in columns.values()) + " |")
-    lines.append("| all (world, seed) pairs | " + " | ".join(fmt_paired(d) for d in pooled.values()) + " |")
+    for world, columns in per_world.items():
+        lines.append(f"| {world}{' (held out)' if world in HELD_OUT_WORLDS else ''} | "
+                     + " | ".join(fmt_paired(d) for d in columns.values()) + " |")
+    groups = (("design worlds", [w for w in per_world if w in DESIGN_WORLDS]),
+              ("held-out worlds", [w for w in per_world if w in HELD_OUT_WORLDS]), ("all these worlds", list(per_world)))
+    for name, worlds in groups:
+        if worlds:
+            pooled = [[x for w in worlds for x in per_world[w][key]] for key in ("matched", "new", "old", "gap")]
+            lines.append(f"| {name} ({', '.join(map(str, worlds))}), pooled | " + " | ".join(map(fmt_paired, pooled))
+                         + " |")
     return lines
 
 
@@ -422,11 +431,12 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
     envelope = paired(summary, main, "SFT", seeds, MATCHED_PRECISION, "envelope")
     replicated = {w: summarise(arms, list(REPLICATION_SEEDS)) for w, arms in replication.items()}
 
-    def pooled_final(seeds):
-        return [x for world in replicated.values() for x in final_diff(world, main, "SFT", "old_precision_4", seeds)]
+    def pooled_final(seeds, worlds=tuple(replicated)):
+        return [x for w in worlds for x in final_diff(replicated[w], main, "SFT", "old_precision_4", seeds)]
 
     pooled_old = pooled_final(REPLICATION_SEEDS)
     pooled_old_full = pooled_final([seed for seed in REPLICATION_SEEDS if covers_all_modes(seed)])
+    pooled_old_held = pooled_final(REPLICATION_SEEDS, [w for w in replicated if w in HELD_OUT_WORLDS])
     pooled_matched = [x for world in replicated.values()
                       for x in paired(world, main, "SFT", REPLICATION_SEEDS, "old_precision_4")]
     at_top = [kind for kind in ("sft", "dopsd") if selected[kind] == max(LEARNING_RATES)]
@@ -468,11 +478,14 @@ def reading(summary, replication, gates, selected, sweep_scores, turbo, full: li
         f"- *Read off the frontier* (best checkpoint with new precision ≥ {MATCHED_PRECISION}, added after the figures "
         f"were known): D-OPSD − SFT {fmt_ci(envelope, signed=True)} ({count(envelope)}): "
         f"**{verdict(envelope, 'a significant win for D-OPSD', 'a significant loss for D-OPSD')}**.",
-        f"- *On the other worlds* ({len(REPLICATION_WORLDS)} worlds × {len(REPLICATION_SEEDS)} seeds, rates not "
-        f"re-swept; first run after the step-{STEPS} reading was chosen, so its out-of-sample test): D-OPSD − SFT old precision at step {STEPS} {fmt_ci(pooled_old, signed=True)} "
-        f"({count(pooled_old)}): **{verdict(pooled_old, 'D-OPSD keeps significantly more', 'D-OPSD keeps significantly less')}**"
-        f" (on the pairs whose samples cover all modes {fmt_ci(pooled_old_full, signed=True)}, {count(pooled_old_full)}, "
-        f"{verdict(pooled_old_full, 'significant', 'significantly negative', 'not significant')}); "
+        f"- *On the other worlds* ({len(replicated)} worlds × {len(REPLICATION_SEEDS)} seeds, rates not re-swept; "
+        f"first run after the step-{STEPS} reading was chosen, so its out-of-sample test): D-OPSD − SFT old precision "
+        f"at step {STEPS} {fmt_ci(pooled_old, signed=True)} ({count(pooled_old)}): "
+        f"**{verdict(pooled_old, 'D-OPSD keeps significantly more', 'D-OPSD keeps significantly less')}** (on the "
+        f"pairs whose samples cover all modes {fmt_ci(pooled_old_full, signed=True)}, {count(pooled_old_full)}, "
+        f"{verdict(pooled_old_full, 'significant', 'significantly negative', 'not significant')}; on the held-out "
+        f"worlds alone {fmt_ci(pooled_old_held, signed=True)}, {count(pooled_old_held)}, "
+        f"{verdict(pooled_old_held, 'significant', 'significantly negative', 'not significant')}); "
         f"at matched learning {fmt_ci(pooled_matched, signed=True)} ({count(pooled_matched)}): "
         f"**{verdict(pooled_matched, 'a significant win for D-OPSD', 'a significant loss for D-OPSD')}**.",
         f"- *Nobody keeps the old concepts* in this world: from the turbo's {turbo['old_precision_4']:.2f}, old "
