@@ -276,6 +276,19 @@ def check_output_dir(out: Path, flag: str = "--output_dir"):
         raise UserError(f"cannot write to {flag} {out} ({existing} is not writable): choose a writable folder.")
 
 
+def check_teacher_vlm(args):
+    """The teacher's VLM must be reachable before the base model loads: its config is read, not its weights."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(args.teacher_vlm_name_or_path, cache_dir=args.cache_dir)
+    except Exception as error:  # noqa: BLE001 -- not found, offline, gated: the same user problem
+        raise UserError(
+            f"cannot read the config of --teacher_vlm_name_or_path {args.teacher_vlm_name_or_path} "
+            f"({type(error).__name__}): pass a Qwen3-VL Instruct folder or a Hub id this machine can download."
+        ) from None
+
+
 def load_model_index(args) -> dict:
     """model_index.json of the base model, read before any weights are loaded."""
     from diffusers import DiffusionPipeline

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dopsd_args import UserError
+from dopsd_args import UserError, check_teacher_vlm
 from dopsd_engines import engine_for, report
 from dopsd_data import BucketBatches, ConditionCache, Example, caption_of, collect_raw_examples, load_examples
 from dopsd_outputs import (check_resume_matches, checkpoint_dirs, claim_output_dir, forget_after, public_args, push_to_hub,
@@ -187,6 +187,8 @@ class Run:
             raise UserError("validation samples from the whole model on one rank, which ZeRO-3 and FSDP shard: pass "
                             "--validation_steps 0 --skip_final_validation and evaluate the saved model with evaluate_dopsd.py.")
         adaptation_cls.check_engine(args, self.engine)
+        if family_cls.teacher_reads_through_vlm and args.method == "dopsd":
+            check_teacher_vlm(args)
         claim_output_dir(args)  # the input and the launch are good: from here on this run writes into --output_dir
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.accelerator.mixed_precision, torch.float32)

@@ -100,6 +100,8 @@ class ModelFamily:
     reference_train_steps: int
     # Text the teacher's prompt gets after it, or None when the family's teacher takes no suffix.
     default_teacher_prompt_suffix: str | None = None
+    # Whether the D-OPSD teacher reads the target image through a separate VLM (--teacher_vlm_name_or_path).
+    teacher_reads_through_vlm = False
     # What the student does at inference: "text-to-image", or "edit" (instruction plus source images, in order).
     task = "text-to-image"
     # The Hub's pipeline tag of a model trained for this task, and what its model card says about the task.
@@ -284,6 +286,7 @@ class ZImageFamily(ModelFamily):
     pipeline_class_name = "ZImagePipeline"
     display_name = "Z-Image-Turbo"
     native_steps = 8
+    teacher_reads_through_vlm = True
     default_learning_rate = 1e-4
     # The reference's target list, attention and feed-forward of every block: there is nothing more to adapt.
     lora_presets = dict.fromkeys(("reference", "all"), (

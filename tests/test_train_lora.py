@@ -113,7 +113,8 @@ def test_bad_inputs_are_refused_before_any_model_is_loaded(tiny_models, sample_d
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(dopsd_training, "load_base_pipeline", no_loading)
-    model = ["--pretrained_model_name_or_path", str(tiny_models / "z-image")]
+    model = ["--pretrained_model_name_or_path", str(tiny_models / "z-image"),
+             "--teacher_vlm_name_or_path", str(tiny_models / "qwen3-vl-teacher")]
     out = ["--output_dir", str(tmp_path / "out"), *[str(a) for a in FAST]]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -133,6 +134,8 @@ def test_bad_inputs_are_refused_before_any_model_is_loaded(tiny_models, sample_d
          "not step-distilled"),
         (["--pretrained_model_name_or_path", str(tiny_models / "flux2-klein"), "--instance_data_dir", str(small)], "tiny.png.*64 px"),
         (["--pretrained_model_name_or_path", str(tmp_path / "nowhere"), "--instance_data_dir", str(sample_data)], "model_index.json"),
+        ([*model, "--instance_data_dir", str(sample_data), "--teacher_vlm_name_or_path", str(tmp_path / "no-vlm")],
+         "--teacher_vlm_name_or_path .*no-vlm"),
     ]
     for argv, message in cases:
         with pytest.raises(UserError, match=message):
