@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import dopsd_flags as flags
+from dopsd_folders import is_image_name, no_images_message
 
 # Only the standard library at import time: bad input is reported at once, before torch, transformers and the
 # trainer's data module (which imports diffusers) are loaded.
@@ -38,8 +39,6 @@ import dopsd_flags as flags
 logger = logging.getLogger("dopsd.caption")
 
 METADATA = "metadata.jsonl"
-# The trainer's image types (dopsd_data.IMAGE_EXTENSIONS; a test keeps the two equal).
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # Keys the trainer takes as the caption when no --caption_column is given (the first one present).
 DEFAULT_CAPTION_KEYS = ("text", "caption", "prompt")
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
@@ -423,8 +422,7 @@ def read_txt_caption(image: Path, root: Path) -> str | None:
 
 
 def folder_images(root: Path) -> list[Path]:
-    images = sorted(p for p in root.iterdir()
-                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    images = sorted(p for p in root.iterdir() if p.is_file() and is_image_name(p))
     for image in images:  # the trainer refuses metadata rows whose file resolves outside the folder
         if not image.resolve().is_relative_to(root.resolve()):
             raise UserError(f"{image} links to {image.resolve()}, outside the folder, which a metadata.jsonl row cannot "
@@ -688,7 +686,7 @@ def run(args, root: Path, fields: list[str], trigger: Trigger):
         changed = strip_for_overwrite(metadata, fields)
     plan = plan_work(metadata, fields)
     if not plan.jobs and not plan.kept:
-        raise UserError(f"--instance_data_dir {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        raise UserError(no_images_message(root))
     for name in plan.missing_images[:5]:
         logger.warning("%s lists %s, which is not in the folder: row kept as it is (the trainer will stop on it).", METADATA, name)
     jobs = plan.jobs[: args.max_images] if args.max_images is not None else plan.jobs

@@ -5,6 +5,7 @@ base model's family (read from model_index.json before any weights load)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -201,6 +202,11 @@ def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
         raise UserError("pass exactly one of --instance_data_dir FOLDER and --dataset_name NAME.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise UserError("--report_to wandb with --hub_token would leak the token: log in with `hf auth login` instead.")
+    # accelerate drops a tracker that is not installed without a word: the run would log nowhere.
+    for tracker in {"wandb": ["wandb"], "tensorboard": ["tensorboard"]}.get(args.report_to, []):
+        if importlib.util.find_spec(tracker) is None:
+            raise UserError(f"--report_to {tracker} needs the {tracker} package: `pip install {tracker}`, or choose "
+                            "another --report_to.")
     if args.preview_teacher_only and args.method != "dopsd":
         raise UserError("--preview_teacher_only previews the D-OPSD teacher: drop --method sft.")
     if args.teacher_min_pixels > args.teacher_max_pixels:

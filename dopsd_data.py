@@ -18,11 +18,11 @@ import torch
 from PIL import Image, ImageOps
 
 from dopsd_args import UserError
+from dopsd_folders import is_image_name, no_images_message
 from pipeline_dopsd import ModelFamily
 
 logger = logging.getLogger("dopsd")
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # The caption (an edit's instruction) of a row when no --caption_column is given: the first of these it has.
 DEFAULT_CAPTION_KEYS = ("text", "caption", "prompt", "instruction")
 
@@ -304,8 +304,7 @@ def _folder_examples(root: Path, columns, instance_prompt, task: str):
         except OSError as error:
             raise UserError(f"cannot list --instance_data_dir {root} ({error.strerror}): fix its permissions.") from None
         for path in listing:
-            # Hidden files are not training images (macOS writes ._name.jpg beside every copied photo).
-            if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+            if not is_image_name(path):
                 continue
             image = _contained(root, path, "image")
             if image.is_dir():
@@ -317,7 +316,7 @@ def _folder_examples(root: Path, columns, instance_prompt, task: str):
             captions = [_read_caption(root, caption_file)] if has_caption else ([instance_prompt] if instance_prompt else [])
             rows.append(RawExample(str(path), path, captions))
     if not rows:
-        raise UserError(f"--instance_data_dir {root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        raise UserError(no_images_message(root))
     for row in rows:
         if not row.captions and row.sources:
             raise UserError(f"{row.name} has no instruction: add a 'text' field to its metadata.jsonl line (or pass "

@@ -311,10 +311,21 @@ def test_the_command_line_reports_bad_input_on_one_line_with_status_2(tmp_path):
     assert result.stderr.splitlines() == [f"error: --instance_data_dir {tmp_path / 'x'} does not exist or is not a folder."]
 
 
-def test_image_types_are_the_trainers():
+def test_a_folder_whose_images_are_all_in_sub_folders_says_so_in_both_tools(tmp_path):
+    """The captioner and the trainer read the same images of a folder: its top level, never its sub-folders."""
     import dopsd_data
 
-    assert caption_dopsd.IMAGE_EXTENSIONS == dopsd_data.IMAGE_EXTENSIONS
+    (tmp_path / "shoot" / "day1").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "shoot" / "day1" / "a.png")
+    (tmp_path / "shoot" / "notes.txt").write_text("not an image")
+    messages = []
+    for read, error_class in ((lambda folder: caption_dopsd.main(["--instance_data_dir", str(folder)]), caption_dopsd.UserError),
+                              (trainer_rows, dopsd_data.UserError)):
+        with pytest.raises(error_class, match="sub-folders are not read") as error:
+            read(tmp_path / "shoot")
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and "day1/a.png" in messages[0] and "metadata.jsonl" in messages[0]
+    assert not list((tmp_path / "shoot").glob("metadata.jsonl*"))
 
 
 # -- batching -------------------------------------------------------------------------------------------------------------

@@ -122,6 +122,17 @@ def test_flags_that_do_not_fit_together(extra, message, model_index, data, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("tracker", ["wandb", "tensorboard"])
+def test_a_tracker_that_is_not_installed_is_refused_not_dropped(tracker, model_index, data, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == tracker else find_spec(name, *a))
+    line = refused(train_dopsd_lora.parse_args, training_argv(model_index, data, tmp_path, "--report_to", tracker), capsys)
+    assert f"--report_to {tracker} needs the {tracker} package" in line
+    train_dopsd_lora.parse_args(training_argv(model_index, data, tmp_path, "--report_to", "none"))
+
+
 def test_good_flags_pass(model_index, data, tmp_path):
     """The same harness accepts the edges of every range (so the refusals above are the values, not the harness)."""
     argv = training_argv(model_index, data, tmp_path, "--resolution", "16", "--seed", str(2**32 - 1), "--ema_decay", "1",
