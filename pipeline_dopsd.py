@@ -844,6 +844,11 @@ class DOPSDPipeline(DiffusionPipeline, ZImageLoraLoaderMixin, Flux2LoraLoaderMix
         a preview of what D-OPSD will distil into the student (for an edit, the reference is the target edit).
         `latents` are in the family's state layout (as returned by ``initial_noise``).
         """
+        if not isinstance(prompt, str) and not (isinstance(prompt, (list, tuple)) and prompt
+                                                and all(isinstance(p, str) for p in prompt)):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+        if num_inference_steps is not None and num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}.")
         family = self.family_for_task("text-to-image" if image is None else "edit")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         default_height, default_width = family.default_size()
@@ -874,7 +879,8 @@ class DOPSDPipeline(DiffusionPipeline, ZImageLoraLoaderMixin, Flux2LoraLoaderMix
         condition = family.collate(conditions, device)
         if latents is None:
             latents = family.initial_noise(len(conditions), height, width, generator, device)
-        sigmas = family.sigmas(num_inference_steps or family.native_steps, height, width, device)
+        steps = family.native_steps if num_inference_steps is None else num_inference_steps
+        sigmas = family.sigmas(steps, height, width, device)
         with self.progress_bar(total=len(sigmas) - 1) as progress:
             latents = family.sample(self.transformer, condition, latents.to(device).float(), sigmas, attention_kwargs, progress)
         images = family.decode(latents, output_type)

@@ -97,3 +97,16 @@ def test_klein_teacher_preview_uses_the_editing_path(tiny_models):
     expected = stock(prompt=f"{PROMPT} {pipe.family.teacher_prompt_suffix}", image=reference, num_inference_steps=4,
                      generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.abs(preview - expected).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt": None}, "prompt must be a string"),
+    ({"prompt": []}, "prompt must be a string"),
+    ({"prompt": ["a", 3]}, "prompt must be a string"),
+    ({"num_inference_steps": 0}, "num_inference_steps must be at least 1, got 0"),
+])
+def test_a_bad_call_is_one_clear_error_not_a_silent_default(tiny_models, kwargs, message):
+    pipe = custom(tiny_models / "flux2-klein")
+    with pytest.raises(ValueError, match=message):
+        pipe(**{"prompt": PROMPT, "height": 64, "width": 64, **kwargs})
+    assert generate(pipe, num_inference_steps=1).shape == (1, 64, 64, 3)  # one step is a valid count
