@@ -40,10 +40,13 @@ SLOW_SAVES = [n for n in MAIN_CASES if n.endswith("ddp")] + ["full-klein-fsdp", 
 
 
 BF16_CASES = ["full-klein-zero3-bf16", "full-zimage-zero2-bf16", "lora-zimage-zero2-bf16", "full-klein-fsdp-bf16"]
-# Two micro-batches per optimizer step, each with one backward per rollout state: DeepSpeed counts its own
-# accumulation boundaries and FSDP2 syncs only at the last backward, so each must still end as data parallel does.
-ACCUMULATION_CASES = ["full-klein-ddp-ga2", "full-klein-zero2-ga2", "full-klein-fsdp-ga2", "lora-klein-ddp-ga2",
-                      "lora-klein-zero3-ga2"]
+# Training options that meet the engines' own machinery, each of which must still end as data parallel does: two
+# micro-batches per optimizer step, each with one backward per rollout state (DeepSpeed counts its own accumulation
+# boundaries, FSDP2 syncs only at the last backward), and activation checkpointing of sharded blocks.
+VARIANTS = {"ga2": ["--gradient_accumulation_steps", "2"], "gc": ["--gradient_checkpointing"]}
+VARIANT_CASES = ["full-klein-ddp-ga2", "full-klein-zero2-ga2", "full-klein-fsdp-ga2", "lora-klein-ddp-ga2",
+                 "lora-klein-zero3-ga2", "full-klein-ddp-gc", "full-klein-fsdp-gc", "lora-zimage-ddp-gc",
+                 "lora-zimage-zero3-gc"]
 
 
 def case_args(tiny_models, sample_data, script, family, out, mixed_precision="no", *extra):
@@ -79,9 +82,9 @@ def make_cases(tiny_models, sample_data, root):
     for name in BF16_CASES:
         script, family, engine, _ = name.split("-")
         add(name, script, family, engine, mixed_precision="bf16")
-    for name in ACCUMULATION_CASES:
-        script, family, engine, _ = name.split("-")
-        add(name, script, family, engine, "--gradient_accumulation_steps", "2")
+    for name in VARIANT_CASES:
+        script, family, engine, variant = name.split("-")
+        add(name, script, family, engine, *VARIANTS[variant])
     # Refusals, before anything loads.
     add("refuse-clipping", "lora", "klein", "zero2", "--max_grad_norm", "0.5")  # the later flag wins
     return cases
@@ -184,12 +187,13 @@ def test_the_teacher_is_the_ema_of_the_students_fp32_weights(runs, name, tiny_mo
         all_close(start_teacher, {k: DECAY * start[k] + (1 - DECAY) * student_1[k] for k in start}, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", [n for n in ACCUMULATION_CASES if "-ddp-" not in n])
-def test_gradient_accumulation_ends_as_data_parallel_under_every_engine(runs, name):
-    script, family, engine, _ = name.split("-")
-    ddp = f"{script}-{family}-ddp-ga2"
+@pytest.mark.parametrize("name", [n for n in VARIANT_CASES if "-ddp-" not in n])
+def test_accumulation_and_checkpointing_end_as_data_parallel_under_every_engine(runs, name):
+    script, family, engine, variant = name.split("-")
+    ddp = f"{script}-{family}-ddp-{variant}"
     assert runs.record(name)["engine"]["engine"] == runs.cases[name]["expect"]
-    assert "x 2 accumulated" in runs.log(name) and "x 2 accumulated" in runs.log(ddp)
+    if variant == "ga2":
+        assert "x 2 accumulated" in runs.log(name) and "x 2 accumulated" in runs.log(ddp)
     all_close(runs.student(name), runs.student(ddp), rtol=1e-5, atol=1e-5)
     for step in (1, 2):
         all_close(runs.teacher(name, step), runs.teacher(ddp, step), rtol=1e-5, atol=1e-5)
