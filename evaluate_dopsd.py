@@ -318,8 +318,10 @@ def load_pipeline(args, dtype):
     return pipe.to(args.device)
 
 
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+def _first_line(error: Exception, limit: int = 200) -> str:
+    """The error's type and first line, cut at `limit` characters (peft's mismatch error lists every module)."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {line if len(line) <= limit else line[:limit] + ' …'}"
 
 
 def load_lora(pipe, column: Column, adapter_name: str):
@@ -328,7 +330,8 @@ def load_lora(pipe, column: Column, adapter_name: str):
     try:
         pipe.load_lora_weights(location, adapter_name=adapter_name, **weight)
     except Exception as error:  # noqa: BLE001 -- loaders raise many types; the user problem is the same
-        raise UserError(f"cannot load LoRA {column.source} ({_first_line(error)}): pass a diffusers LoRA for this base model.") from None
+        raise UserError(f"cannot load LoRA {column.source} ({_first_line(error)}): pass a diffusers LoRA for this "
+                        f"{pipe.family.display_name} base model.") from None
     # diffusers only warns when no key matches the transformer; an untouched column would pass for a harmless LoRA.
     if adapter_name not in getattr(pipe.transformer, "peft_config", {}):
         raise UserError(f"LoRA {column.source} has no weights for this transformer: is it a LoRA for "

@@ -434,3 +434,23 @@ def test_edit_rows_edit_their_sources_and_score_against_the_target(tiny_models, 
     with pytest.raises(SystemExit):
         evaluate_dopsd.run_main(lambda: evaluate_dopsd.main(args))
     assert "Z-Image-Turbo has no editing path" in capsys.readouterr().err
+
+
+def test_a_lora_of_another_family_is_one_short_line_naming_the_base(tiny_models, scorer_dirs, eval_file, tmp_path, capsys):
+    from diffusers import Flux2KleinPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    klein = Flux2KleinPipeline.from_pretrained(tiny_models / "flux2-klein")
+    # Full module names, as the training scripts' LoRAs list them: peft's mismatch error then runs to kilobytes.
+    layers = [name for name, module in klein.transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=layers, init_lora_weights=False)
+    klein.transformer.add_adapter(config, adapter_name="klein")
+    Flux2KleinPipeline.save_lora_weights(tmp_path / "klein_lora", transformer_lora_adapter_metadata=config.to_dict(),
+                                         transformer_lora_layers=get_peft_model_state_dict(klein.transformer, adapter_name="klein"))
+    argv = cli(tiny_models, scorer_dirs, eval_file, tmp_path / "out", *FAST, "--lora", str(tmp_path / "klein_lora"))
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_dopsd.run_main(lambda: evaluate_dopsd.main(argv))
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Z-Image-Turbo" in lines[-1] and len(lines[-1]) < 500, lines[-1]
