@@ -203,10 +203,9 @@ def finalize_args(args: argparse.Namespace) -> type[ModelFamily]:
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise UserError("--report_to wandb with --hub_token would leak the token: log in with `hf auth login` instead.")
     # accelerate drops a tracker that is not installed without a word: the run would log nowhere.
-    for tracker in {"wandb": ["wandb"], "tensorboard": ["tensorboard"]}.get(args.report_to, []):
-        if importlib.util.find_spec(tracker) is None:
-            raise UserError(f"--report_to {tracker} needs the {tracker} package: `pip install {tracker}`, or choose "
-                            "another --report_to.")
+    if args.report_to in ("wandb", "tensorboard") and importlib.util.find_spec(args.report_to) is None:
+        raise UserError(f"--report_to {args.report_to} needs the {args.report_to} package: `pip install "
+                        f"{args.report_to}`, or choose another --report_to.")
     if args.preview_teacher_only and args.method != "dopsd":
         raise UserError("--preview_teacher_only previews the D-OPSD teacher: drop --method sft.")
     if args.teacher_min_pixels > args.teacher_max_pixels:
