@@ -281,17 +281,26 @@ def check_output_dir(out: Path, flag: str = "--output_dir"):
         raise UserError(f"cannot write to {flag} {out} ({existing} is not writable): choose a writable folder.")
 
 
-def check_teacher_vlm(args):
-    """The teacher's VLM must be reachable before the base model loads: its config is read, not its weights."""
+def first_line(error: Exception, limit: int = 200) -> str:
+    """The error's type and first line, cut at `limit` characters (peft's mismatch error lists every module)."""
+    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {line if len(line) <= limit else line[:limit] + ' …'}"
+
+
+def read_model_config(flag: str, name: str, cache_dir, fix: str):
+    """The transformers config of the model a flag names, read before any weights load, or one line saying `fix`."""
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(args.teacher_vlm_name_or_path, cache_dir=args.cache_dir)
-    except Exception as error:  # noqa: BLE001 -- not found, offline, gated: the same user problem
-        raise UserError(
-            f"cannot read the config of --teacher_vlm_name_or_path {args.teacher_vlm_name_or_path} "
-            f"({type(error).__name__}): pass a Qwen3-VL Instruct folder or a Hub id this machine can download."
-        ) from None
+        return AutoConfig.from_pretrained(name, cache_dir=cache_dir)
+    except Exception as error:  # noqa: BLE001 -- not found, offline, gated, not a transformers model: one user problem
+        raise UserError(f"cannot read the config of {flag} {name} ({first_line(error)}): {fix}") from None
+
+
+def check_teacher_vlm(args):
+    """The teacher's VLM must be reachable before the base model loads: its config is read, not its weights."""
+    read_model_config("--teacher_vlm_name_or_path", args.teacher_vlm_name_or_path, args.cache_dir,
+                      "pass a Qwen3-VL Instruct folder or a Hub id this machine can download.")
 
 
 def load_model_index(args) -> dict:

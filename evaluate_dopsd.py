@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import dopsd_flags as flags
 import dopsd_metrics as metrics
-from dopsd_args import UserError, load_model_index, run_main
+from dopsd_args import UserError, first_line, load_model_index, read_model_config, run_main
 from dopsd_data import json_lines, open_image
 from pipeline_dopsd import family_class
 
@@ -275,19 +275,12 @@ def model_columns(args) -> list[Column]:
 
 def check_scoring_models(args, prompts: list[EvalPrompt]):
     """Each scoring model's config can be read: a typo or a missing download fails now, not after the generation."""
-    from transformers import AutoConfig
-
     needs_references = any(p.reference is not None for p in prompts)
     wanted = [("--dino_model", args.dino_model, needs_references), ("--clip_model", args.clip_model, True),
               ("--vlm_judge", args.vlm_judge, bool(args.vlm_judge) and needs_references)]
     for flag, name, needed in wanted:
-        if not needed:
-            continue
-        try:
-            AutoConfig.from_pretrained(name, cache_dir=args.cache_dir)
-        except Exception as error:  # noqa: BLE001 -- not found, offline, or not a transformers model: one user problem
-            raise UserError(f"cannot read the config of {flag} {name} ({_first_line(error)}): pass a transformers "
-                            "model id or a local folder with config.json.") from None
+        if needed:
+            read_model_config(flag, name, args.cache_dir, "pass a transformers model id or a local folder with config.json.")
 
 
 def check_base_model(args, prompts: list[EvalPrompt]):
@@ -318,19 +311,13 @@ def load_pipeline(args, dtype):
     return pipe.to(args.device)
 
 
-def _first_line(error: Exception, limit: int = 200) -> str:
-    """The error's type and first line, cut at `limit` characters (peft's mismatch error lists every module)."""
-    line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {line if len(line) <= limit else line[:limit] + ' …'}"
-
-
 def load_lora(pipe, column: Column, adapter_name: str):
     path = Path(column.source)
     location, weight = (str(path.parent), {"weight_name": path.name}) if path.is_file() else (column.source, {})
     try:
         pipe.load_lora_weights(location, adapter_name=adapter_name, **weight)
     except Exception as error:  # noqa: BLE001 -- loaders raise many types; the user problem is the same
-        raise UserError(f"cannot load LoRA {column.source} ({_first_line(error)}): pass a diffusers LoRA for this "
+        raise UserError(f"cannot load LoRA {column.source} ({first_line(error)}): pass a diffusers LoRA for this "
                         f"{pipe.family.display_name} base model.") from None
     # diffusers only warns when no key matches the transformer; an untouched column would pass for a harmless LoRA.
     if adapter_name not in getattr(pipe.transformer, "peft_config", {}):
@@ -346,7 +333,7 @@ def load_transformer_weights(pipe, column: Column, dtype):
         finetuned = type(pipe.transformer).from_pretrained(column.source, subfolder=subfolder, dtype=dtype)
         pipe.transformer.load_state_dict(finetuned.state_dict())
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"cannot load transformer {column.source} ({_first_line(error)}): pass the transformer folder "
+        raise UserError(f"cannot load transformer {column.source} ({first_line(error)}): pass the transformer folder "
                         f"that a full fine-tune of this {pipe.family.display_name} saved.") from None
 
 
